@@ -1,0 +1,78 @@
+"""Named models: tiny test models of every family, real-size architectures with random weights (for MACs and
+speed; nothing is downloaded), and the reference models this project trains and ships."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import DiffpruneError
+from .configs import CONFIGS
+
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+
+
+def names() -> list[str]:
+    return sorted(CONFIGS)
+
+
+def describe(name: str) -> str:
+    return CONFIGS[name]["about"]
+
+
+def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, weights: bool = True) -> torch.nn.Module:
+    """Build a zoo model: the shipped checkpoint when one exists (and weights=True), else random weights."""
+    if name not in CONFIGS:
+        raise DiffpruneError(f"unknown model {name!r}; zoo models: {', '.join(names())}, or a local directory")
+    ckpt = CHECKPOINTS / name
+    if weights and (ckpt / "config.json").exists():
+        return load_model(ckpt, dtype=dtype)
+    import diffusers
+    entry = CONFIGS[name]
+    cls = getattr(diffusers, entry["class"])
+    torch.manual_seed(seed)
+    model = cls(**entry["config"])
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """Load a zoo name or a local directory: a diffusers model, a diffusers pipeline, or a diffprune pruned
+    model. Nothing is ever downloaded."""
+    p = Path(path)
+    if not p.exists():
+        if str(path) in CONFIGS:
+            return build(str(path), dtype=dtype or torch.float32)
+        raise DiffpruneError(f"{path}: no such directory, and not a zoo model ({', '.join(names())})")
+    if not p.is_dir():
+        raise DiffpruneError(f"{path} is a file; point at a diffusers model or pipeline directory")
+    import diffusers
+    if (p / "diffprune_pruned.json").exists():
+        from ..structural.io import load_pruned  # a pruned model: rebuilt module + safetensors
+        return load_pruned(p, dtype=dtype)
+    if (p / "model_index.json").exists():
+        try:
+            pipe = diffusers.DiffusionPipeline.from_pretrained(p, local_files_only=True,
+                                                               torch_dtype=dtype or torch.float32)
+        except Exception as e:  # diffusers raises many kinds; the user needs to know which dir failed
+            raise DiffpruneError(f"{path}: could not load the diffusers pipeline: {e}") from e
+        return pipe
+    cfg_file = p / "config.json"
+    if not cfg_file.exists():
+        raise DiffpruneError(
+            f"{path} is not a diffusers model or pipeline directory (no config.json or model_index.json)")
+    try:
+        cls_name = json.loads(cfg_file.read_text())["_class_name"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise DiffpruneError(f"{cfg_file}: not a diffusers config ({e})") from e
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise DiffpruneError(f"{cfg_file}: unknown diffusers class {cls_name!r}")
+    try:
+        model = cls.from_pretrained(p, local_files_only=True, torch_dtype=dtype or torch.float32)
+    except Exception as e:
+        raise DiffpruneError(f"{path}: could not load the {cls_name} weights: {e}") from e
+    return model.eval()
