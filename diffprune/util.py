@@ -67,3 +67,19 @@ def output_directory(path: str | os.PathLike, overwrite: bool = False):
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def own_storage(module):
+    """Copy every parameter and buffer into freshly allocated memory.
+
+    safetensors memory-maps the file, and tensors at unaligned offsets take different SIMD code paths, so a
+    loaded model can differ from the saved one in the last bit. A copy makes reloads bit-identical."""
+    import torch
+    with torch.no_grad():
+        for p in module.parameters():
+            p.data = p.data.clone()
+        for name, b in list(module.named_buffers()):
+            owner, _, leaf = name.rpartition(".")
+            mod = module.get_submodule(owner) if owner else module
+            mod._buffers[leaf] = b.clone()
+    return module

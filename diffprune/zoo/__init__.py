@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DiffpruneError
+from ..util import own_storage
 from .configs import CONFIGS
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
@@ -59,6 +60,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
                                                                torch_dtype=dtype or torch.float32)
         except Exception as e:  # diffusers raises many kinds; the user needs to know which dir failed
             raise DiffpruneError(f"{path}: could not load the diffusers pipeline: {e}") from e
+        for part in pipe.components.values():
+            if isinstance(part, torch.nn.Module):
+                own_storage(part)
         return pipe
     cfg_file = p / "config.json"
     if not cfg_file.exists():
@@ -75,4 +79,4 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
         model = cls.from_pretrained(p, local_files_only=True, torch_dtype=dtype or torch.float32)
     except Exception as e:
         raise DiffpruneError(f"{path}: could not load the {cls_name} weights: {e}") from e
-    return model.eval()
+    return own_storage(model).eval()

@@ -1,0 +1,303 @@
+"""One sampling loop for every denoiser family and diffusers scheduler.
+
+Everything that generates images goes through `sample()`: evaluation, schedule search, pruner training (with
+`differentiable=True`) and `generate()` for Stable Diffusion pipelines. The denoiser is only ever called through
+its adapter's `predict_noise(model, x, t, cond)`, once per step, so a hook on the denoiser sees exactly
+`rollout_length()` calls per rollout, with classifier-free guidance as one call on the doubled batch [uncond; cond].
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+from tqdm.auto import tqdm
+
+from .errors import DiffpruneError
+from .models import get_adapter
+from .util import denoiser_of, positive_int
+
+SAMPLERS = ("ddpm", "ddim", "plms", "dpm-solver++", "lcm")
+_ALIASES = {"pndm": "plms"}
+
+# The schedule the Fashion-MNIST models are trained with (DDPM, Ho et al. 2020).
+_TRAINING_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                          prediction_type="epsilon")
+
+
+def make_scheduler(name: str, config: dict | None = None):
+    """A fresh diffusers scheduler for sampler `name`. config None: the DDPM training schedule of this project's
+    pixel models; else a pipeline's scheduler config (its betas and timestep spacing are kept)."""
+    import diffusers
+    key = _ALIASES.get(str(name).lower(), str(name).lower())
+    classes = {"ddpm": (diffusers.DDPMScheduler, {}), "ddim": (diffusers.DDIMScheduler, {}),
+               "plms": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
+               "dpm-solver++": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+               "lcm": (diffusers.LCMScheduler, {})}
+    if key not in classes:
+        raise DiffpruneError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    cls, fixed = classes[key]
+    if config is None:
+        return cls(**_TRAINING_SCHEDULE, **fixed)
+    return cls.from_config(dict(config), **fixed)
+
+
+def rollout_length(sampler, num_steps: int, config=None) -> int:
+    """Denoiser calls in one rollout of `num_steps` steps (PLMS makes one more call than it has steps)."""
+    sched = make_scheduler(sampler, config) if isinstance(sampler, str) else copy.deepcopy(sampler)
+    _set_timesteps(sched, num_steps)
+    return len(sched.timesteps)
+
+
+def make_noise(model, batch: int, seed: int = 0, height=None, width=None) -> torch.Tensor:
+    """Standard normal initial noise (float32, on the model's device), drawn on the CPU from a seeded generator
+    so that the same seed gives the same noise on every device."""
+    return _noise(model, positive_int(batch, "batch"), torch.Generator().manual_seed(seed), height, width)
+
+
+def notify_rollout_start(model, n_calls: int):
+    """Tell whoever listens on `model` (the schedule runtime) that a rollout of n_calls denoiser calls begins."""
+    for fn in list(getattr(model, "_diffprune_rollout_listeners", [])):
+        fn(n_calls)
+
+
+def sample(model, num_steps: int = 50, sampler: str = "ddim", *, labels=None, batch: int | None = None,
+           cond: dict | None = None, uncond: dict | None = None, guidance_scale: float = 1.0, seed: int = 0,
+           noise: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
+           scheduler=None, eta: float = 0.0, differentiable: bool = False, checkpoint: bool = True,
+           progress: bool = False) -> torch.Tensor:
+    """Run one rollout of a bare denoiser and return the final sample (float32): pixel models (1 or 3 input
+    channels) clamped to [-1, 1], latent models as latents.
+
+    labels: class labels (B,) of a class-conditional model; without them it samples its null class.
+    cond / uncond: model kwargs of a text model (see encode_prompts); uncond is needed when guidance_scale > 1.
+    guidance_scale > 1 turns on classifier-free guidance (as in diffusers pipelines, 1 means none).
+    scheduler: a diffusers scheduler (it is copied, never mutated); overrides `sampler`.
+    seed: one CPU generator draws the initial noise (unless `noise` is given) and then any step noise (DDPM, LCM),
+    so the rollout is reproducible and, for Stable Diffusion, equal to pipe(generator=Generator().manual_seed(seed)).
+    differentiable: gradients flow through the whole rollout; checkpoint=True recomputes each denoiser call in
+    the backward pass instead of storing its activations. While a call is recomputed,
+    model._diffprune_recompute_step holds its step index (None otherwise), so stateful hooks can replay that step.
+    The model's train/eval mode is left as the caller set it.
+    """
+    adapter = get_adapter(model)
+    positive_int(num_steps, "num_steps")
+    guidance_scale = float(guidance_scale)
+    if guidance_scale < 1.0:
+        raise DiffpruneError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    sched = copy.deepcopy(scheduler) if scheduler is not None else make_scheduler(sampler)
+    if eta and "eta" not in inspect.signature(sched.step).parameters:
+        raise DiffpruneError(f"eta only applies to the ddim sampler, not {type(sched).__name__}; leave it at 0")
+    _set_timesteps(sched, num_steps, device)
+    guided = guidance_scale > 1.0
+    cond, uncond, n = _conditioning(adapter, model, labels, cond, uncond, guided, batch, noise, device, dtype)
+
+    gen = torch.Generator().manual_seed(seed)
+    if noise is None:
+        x = _noise(model, n, gen, height, width)
+    else:
+        if not torch.is_tensor(noise):
+            raise DiffpruneError("noise must be a tensor of shape (batch, channels, height, width)")
+        adapter.check_input(model, noise)
+        if height is not None and height != noise.shape[-2] or width is not None and width != noise.shape[-1]:
+            raise DiffpruneError(f"noise is {tuple(noise.shape[-2:])} but height/width ask for ({height}, {width})")
+        x = noise.to(device, torch.float32)
+    x = x * sched.init_noise_sigma
+    step_kwargs = _step_kwargs(sched, eta, gen)
+    model_cond = _cat(uncond, cond) if guided else cond
+
+    def denoise(x_in, t_in):
+        return adapter.predict_noise(model, x_in.to(dtype), t_in, model_cond).float()
+
+    notify_rollout_start(model, len(sched.timesteps))
+    with torch.enable_grad() if differentiable else torch.no_grad():
+        for i, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False)):
+            x_in = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            t_in = t.to(device).expand(x_in.shape[0])
+            if differentiable and checkpoint:
+                # the scheduler step stays outside: schedulers keep state and must step exactly once
+                eps = _checkpoint(denoise, x_in, t_in, use_reentrant=False,
+                                  context_fn=lambda i=i: (contextlib.nullcontext(), _recomputing(model, i)))
+            else:
+                eps = denoise(x_in, t_in)
+            if guided:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            x = sched.step(eps, t, x, **step_kwargs, return_dict=False)[0]
+    return x.clamp(-1, 1) if model.config.in_channels in (1, 3) else x
+
+
+# ----- Stable Diffusion pipelines ----------------------------------------------------------------------------
+
+def encode_prompts(pipe, prompts, negative_prompts=None) -> tuple[dict, dict]:
+    """(cond, uncond) model kwargs for sample() from a Stable Diffusion pipeline's tokenizer and text encoder;
+    the unconditional branch encodes negative_prompts, or the empty prompt as diffusers does."""
+    _check_sd_pipeline(pipe)
+    prompts = _prompt_list(prompts, "prompts")
+    if negative_prompts is not None:
+        negative_prompts = _prompt_list(negative_prompts, "negative_prompts")
+        if len(negative_prompts) != len(prompts):
+            raise DiffpruneError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+    device = next(denoiser_of(pipe).parameters()).device
+    emb, neg = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                  do_classifier_free_guidance=True, negative_prompt=negative_prompts)
+    return {"encoder_hidden_states": emb}, {"encoder_hidden_states": neg}
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode latents to images (B, 3, H, W) in [0, 1], float32; differentiable when grad is enabled."""
+    vae = pipe.vae
+    z = latents / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None) is not None:
+        z = z + vae.config.shift_factor
+    image = vae.decode(z.to(next(vae.parameters()).dtype), return_dict=False)[0]
+    return (image.float() * 0.5 + 0.5).clamp(0, 1)  # the formula of diffusers' image processor
+
+
+def generate(pipe, prompts, num_steps: int = 50, sampler: str | None = None, guidance_scale: float = 7.5,
+             seed: int = 0, height: int | None = None, width: int | None = None, differentiable: bool = False,
+             progress: bool = False) -> torch.Tensor:
+    """Text-to-image with a Stable Diffusion pipeline through sample(): images (B, 3, H, W) in [0, 1].
+
+    sampler None uses the pipeline's own scheduler; a name builds that sampler from the pipeline's scheduler config.
+    height/width are in pixels (default: the model's native size). With the same seed, the result equals
+    pipe(prompts, generator=torch.Generator().manual_seed(seed), output_type="pt") for float32 models.
+    """
+    _check_sd_pipeline(pipe)
+    unet = denoiser_of(pipe)
+    sched = copy.deepcopy(pipe.scheduler) if sampler is None else make_scheduler(sampler, pipe.scheduler.config)
+    f = pipe.vae_scale_factor
+    size = unet.config.sample_size * f
+    height, width = height or size, width or size
+    if height % f or width % f:
+        raise DiffpruneError(f"height and width must be multiples of {f} (the VAE's downsampling), "
+                             f"got {height}x{width}")
+    with torch.set_grad_enabled(differentiable):
+        cond, uncond = encode_prompts(pipe, prompts)
+    latents = sample(unet, num_steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale, seed=seed,
+                     height=height // f, width=width // f, scheduler=sched, differentiable=differentiable,
+                     progress=progress)
+    with torch.set_grad_enabled(differentiable):
+        return decode_latents(pipe, latents)
+
+
+# ----- helpers -----------------------------------------------------------------------------------------------
+
+def _set_timesteps(sched, num_steps, device=None):
+    positive_int(num_steps, "num_steps")
+    try:
+        sched.set_timesteps(num_steps, device=device)
+    except ValueError as e:  # e.g. more steps than training timesteps, LCM beyond its original steps
+        raise DiffpruneError(f"{type(sched).__name__} cannot run {num_steps} steps: {e}") from e
+
+
+def _noise(model, batch, generator, height, width):
+    shape = (batch, *get_adapter(model).sample_shape(model, height, width))
+    return torch.randn(shape, generator=generator).to(next(model.parameters()).device)
+
+
+def _step_kwargs(sched, eta, generator):
+    accepted = inspect.signature(sched.step).parameters
+    kwargs = {"generator": generator} if "generator" in accepted else {}
+    if "eta" in accepted:
+        kwargs["eta"] = float(eta)
+    return kwargs
+
+
+def _conditioning(adapter, model, labels, cond, uncond, guided, batch, noise, device, dtype):
+    """(cond, uncond, batch size) with every tensor on the model's device and dtype, checked for agreement."""
+    class_cond = adapter.conditioning == "class" and getattr(adapter, "is_class_conditional", lambda m: True)(model)
+    if labels is not None:
+        if not class_cond:
+            raise DiffpruneError(f"labels given, but this {adapter.family} model is not class-conditional")
+        if cond is not None:
+            raise DiffpruneError("give labels or cond, not both")
+        labels = torch.as_tensor(labels)
+        n_cls = adapter.num_classes(model)
+        if labels.ndim != 1 or labels.is_floating_point() or labels.numel() == 0:
+            raise DiffpruneError(f"labels must be a non-empty 1-D integer tensor, got shape {tuple(labels.shape)} "
+                                 f"and dtype {labels.dtype}")
+        if labels.min() < 0 or labels.max() > n_cls:
+            raise DiffpruneError(f"labels must lie in [0, {n_cls - 1}] (or {n_cls}, the null class); "
+                                 f"got values from {int(labels.min())} to {int(labels.max())}")
+        cond = {"class_labels": labels}
+    if cond is None and adapter.conditioning == "text":
+        raise DiffpruneError("a text-conditional model needs cond= (encoder_hidden_states ...); "
+                             "build it with diffprune.sampling.encode_prompts(pipe, prompts)")
+    sizes = {"batch": batch, "noise": None if noise is None else noise.shape[0],
+             "cond": _batch_of(cond), "uncond": _batch_of(uncond) if guided else None}
+    given = {k: v for k, v in sizes.items() if v is not None}
+    if len(set(given.values())) > 1:
+        raise DiffpruneError(f"batch sizes disagree: {given}")
+    n = positive_int(next(iter(given.values()), 1), "batch")
+    if guided and cond is None:
+        raise DiffpruneError("guidance_scale > 1 needs conditioning (labels or cond) to guide towards")
+    if cond is None:
+        cond = adapter.null_condition(model, n) if class_cond else {}
+    if guided and uncond is None:
+        uncond = adapter.null_condition(model, n)  # text models: raises, asking for explicit uncond
+    return _to(cond, device, dtype), _to(uncond, device, dtype), n
+
+
+def _batch_of(d):
+    for v in (d or {}).values():
+        if torch.is_tensor(v):
+            return v.shape[0]
+        if isinstance(v, dict) and (b := _batch_of(v)) is not None:
+            return b
+    return None
+
+
+def _to(d, device, dtype):
+    if d is None:
+        return None
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _to(v, device, dtype)
+        elif torch.is_tensor(v):
+            v = v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        out[k] = v
+    return out
+
+
+def _cat(a: dict, b: dict) -> dict:
+    """[a; b] along the batch for every tensor in two kwargs dicts of the same structure."""
+    if set(a) != set(b):
+        raise DiffpruneError(f"cond and uncond must have the same keys, got {sorted(b)} and {sorted(a)}")
+    out = {}
+    for k in a:
+        if isinstance(a[k], dict):
+            out[k] = _cat(a[k], b[k])
+        elif torch.is_tensor(a[k]):
+            out[k] = torch.cat([a[k], b[k]])
+        else:
+            out[k] = b[k]
+    return out
+
+
+@contextlib.contextmanager
+def _recomputing(model, step):
+    model._diffprune_recompute_step = step
+    try:
+        yield
+    finally:
+        model._diffprune_recompute_step = None
+
+
+def _check_sd_pipeline(pipe):
+    import diffusers
+    if not isinstance(pipe, diffusers.StableDiffusionPipeline):
+        raise DiffpruneError(f"generate/encode_prompts support Stable Diffusion 1.x/2.x pipelines, got "
+                             f"{type(pipe).__name__}; call the pipeline itself, or sample() with your own cond")
+
+
+def _prompt_list(prompts, name):
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise DiffpruneError(f"{name} must be a string or a non-empty list of strings")
+    return prompts
