@@ -1,0 +1,136 @@
+"""Evaluate a model (optionally under a schedule) the same way for every method: MACs, quality, consistency.
+
+Quality for the Fashion-MNIST models is FD-FMNIST and class accuracy from the shipped classifier; consistency is
+SSIM/PSNR to a reference model's samples from the same noise and labels (the Diff-Pruning paper's "SSIM to
+dense"). Samples are drawn in batches with seed + batch index, so any two evaluations with the same seed, sample
+count and batch size start from identical noise.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import DiffpruneError
+from .models import build_graph, count_params, get_adapter
+from .sampling import make_noise, rollout_length, sample
+from .util import positive_int
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., K-1, 0, 1, ...: every class equally often."""
+    return torch.arange(n) % num_classes
+
+
+def _schedule_ctx(model, schedule):
+    if schedule is None:
+        return contextlib.nullcontext()
+    from .schedule import apply_schedule
+    return apply_schedule(model, schedule, strict=False)
+
+
+def generate_set(model, n: int, *, num_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 1.0,
+                 seed: int = 0, batch_size: int = 250, schedule=None, labels: torch.Tensor | None = None,
+                 progress: bool = True, desc: str = "sampling") -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """n samples (float32, CPU) and their labels (class-conditional models: balanced classes), plus the wall time
+    in seconds. Batch b starts from make_noise(seed + b)."""
+    positive_int(n, "number of samples")
+    positive_int(batch_size, "batch size")
+    adapter = get_adapter(model)
+    conditional = adapter.conditioning == "class" and (adapter.family != "unet2d" or adapter.is_class_conditional(model))
+    if adapter.conditioning == "text":
+        raise DiffpruneError("evaluating text-to-image models needs prompts; use the pipeline API "
+                             "(sampling.generate) with a CLIP score, see README")
+    if conditional and labels is None:
+        labels = balanced_labels(n, adapter.num_classes(model))
+    out = []
+    start = time.perf_counter()
+    with _schedule_ctx(model, schedule):
+        for b, i in enumerate(tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)):
+            m = min(batch_size, n - i)
+            noise = make_noise(model, m, seed=seed + b)
+            lab = labels[i:i + m].to(noise.device) if labels is not None else None
+            out.append(sample(model, num_steps, sampler, labels=lab, noise=noise, guidance_scale=guidance_scale,
+                              seed=seed + b).cpu())
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return torch.cat(out), labels, time.perf_counter() - start
+
+
+def macs_summary(model, *, num_steps: int, sampler: str, schedule=None, guidance_scale: float = 1.0) -> dict:
+    """MACs per image for a rollout (batch 1, CFG doubling not counted, as the papers report), cascade applied."""
+    granularity = schedule.granularity if schedule is not None else "coarse"
+    graph = build_graph(model, granularity)
+    calls = rollout_length(sampler, num_steps)
+    if schedule is not None:
+        if schedule.table.shape[0] != calls:
+            raise DiffpruneError(f"the schedule has {schedule.table.shape[0]} steps but a {sampler} rollout of "
+                                 f"{num_steps} steps makes {calls} denoiser calls")
+        total = graph.schedule_macs(schedule.table)
+    else:
+        total = graph.total_macs * calls
+    return {"macs_per_call_dense": graph.total_macs, "calls": calls, "macs_total": int(total),
+            "macs_ratio": total / (graph.total_macs * calls), "params": count_params(model)}
+
+
+def evaluate(model, *, schedule=None, reference_model=None, reference_images: torch.Tensor | None = None,
+             num_steps: int = 50, sampler: str = "ddim", n_samples: int = 1000, guidance_scale: float = 2.0,
+             seed: int = 0, batch_size: int = 250, fmnist_metrics: bool | None = None, progress: bool = True) -> dict:
+    """Metrics of `model` (under `schedule` if given).
+
+    Consistency (SSIM/PSNR from the same noise and labels) is measured against reference_images if given, else
+    against reference_model's samples, else, when a schedule is given, against the same model without it.
+    fmnist_metrics: FD-FMNIST and class accuracy (default: on for 1-channel 32x32 models).
+    Returns (metrics dict, the samples as a float32 CPU tensor)."""
+    from .metrics import quality
+    result = {"sampler": sampler, "num_steps": num_steps, "n_samples": n_samples, "guidance_scale": guidance_scale,
+              "seed": seed, "batch_size": batch_size}
+    result.update(macs_summary(model, num_steps=num_steps, sampler=sampler, schedule=schedule))
+    images, labels, seconds = generate_set(model, n_samples, num_steps=num_steps, sampler=sampler,
+                                           guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
+                                           schedule=schedule, progress=progress)
+    result["seconds"] = seconds
+    result["ms_per_image"] = 1000 * seconds / n_samples
+    if fmnist_metrics is None:
+        fmnist_metrics = tuple(images.shape[1:]) == (1, 32, 32)
+    if fmnist_metrics:
+        from .metrics import classifier
+        result["fd_fmnist"] = classifier.fd_fmnist(images)
+        if labels is not None:
+            result["class_accuracy"] = classifier.accuracy(images, labels)
+    if reference_images is None and (reference_model is not None or schedule is not None):
+        ref = reference_model if reference_model is not None else model
+        reference_images, _, _ = generate_set(ref, n_samples, num_steps=num_steps, sampler=sampler,
+                                              guidance_scale=guidance_scale, seed=seed, batch_size=batch_size,
+                                              labels=labels, progress=progress, desc="reference")
+    if reference_images is not None:
+        if reference_images.shape != images.shape:
+            raise DiffpruneError(f"reference images {tuple(reference_images.shape)} do not match the samples "
+                                 f"{tuple(images.shape)}")
+        result["ssim_to_reference"] = float(quality.ssim(images, reference_images))
+        p = quality.psnr(images, reference_images, reduction="none")
+        result["psnr_to_reference"] = float(torch.nan_to_num(p, posinf=100.0).mean())
+    return result, images
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table; columns are (key, header, format)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+METRIC_COLUMNS = [("name", "model", ""), ("macs_total", "MACs", ",.0f"), ("macs_ratio", "MACs ratio", ".3f"),
+                  ("fd_fmnist", "FD-FMNIST", ".2f"), ("class_accuracy", "class acc", ".3f"),
+                  ("ssim_to_reference", "SSIM to ref", ".4f"), ("psnr_to_reference", "PSNR to ref", ".2f"),
+                  ("ms_per_image", "ms/image", ".2f")]
