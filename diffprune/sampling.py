@@ -87,6 +87,12 @@ def sample(model, num_steps: int = 50, sampler: str = "ddim", *, labels=None, ba
     guidance_scale = float(guidance_scale)
     if guidance_scale < 1.0:
         raise DiffpruneError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}")
+    if noise is not None:
+        if not torch.is_tensor(noise):
+            raise DiffpruneError("noise must be a tensor of shape (batch, channels, height, width)")
+        adapter.check_input(model, noise)
+        if (height or noise.shape[-2]) != noise.shape[-2] or (width or noise.shape[-1]) != noise.shape[-1]:
+            raise DiffpruneError(f"noise is {tuple(noise.shape[-2:])} but height/width ask for ({height}, {width})")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     sched = copy.deepcopy(scheduler) if scheduler is not None else make_scheduler(sampler)
@@ -97,16 +103,8 @@ def sample(model, num_steps: int = 50, sampler: str = "ddim", *, labels=None, ba
     cond, uncond, n = _conditioning(adapter, model, labels, cond, uncond, guided, batch, noise, device, dtype)
 
     gen = torch.Generator().manual_seed(seed)
-    if noise is None:
-        x = _noise(model, n, gen, height, width)
-    else:
-        if not torch.is_tensor(noise):
-            raise DiffpruneError("noise must be a tensor of shape (batch, channels, height, width)")
-        adapter.check_input(model, noise)
-        if height is not None and height != noise.shape[-2] or width is not None and width != noise.shape[-1]:
-            raise DiffpruneError(f"noise is {tuple(noise.shape[-2:])} but height/width ask for ({height}, {width})")
-        x = noise.to(device, torch.float32)
-    x = x * sched.init_noise_sigma
+    x = _noise(model, n, gen, height, width) if noise is None else noise.to(device, torch.float32)
+    x = x * sched.init_noise_sigma  # the scheduler runs in float32 whatever the model's dtype
     step_kwargs = _step_kwargs(sched, eta, gen)
     model_cond = _cat(uncond, cond) if guided else cond
 
@@ -128,6 +126,7 @@ def sample(model, num_steps: int = 50, sampler: str = "ddim", *, labels=None, ba
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
             x = sched.step(eps, t, x, **step_kwargs, return_dict=False)[0]
+    # 1- or 3-channel inputs are images in [-1, 1]; latent spaces (4 channels and up) are left unclamped
     return x.clamp(-1, 1) if model.config.in_channels in (1, 3) else x
 
 

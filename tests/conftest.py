@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path(os.environ.get("DIFFPRUNE_FMNIST", "/usr/share/datasets/fashion-mnist"))
 TINY = ["tiny-unet", "tiny-sd", "tiny-sdxl", "tiny-dit", "tiny-pixart"]
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread per test process: the suite runs as 2 xdist workers on 2 cores, and oversubscribed threads
+# make small-tensor work many times slower
+torch.set_num_threads(1)
 
 needs_fmnist = pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").exists(),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
