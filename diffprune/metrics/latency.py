@@ -13,8 +13,9 @@ Modes
             device; it is how the graph path is tested on a CPU.
 
 A replayed graph runs no Python, so the unit caches of a schedule cannot be Python references that change from
-step to step: graphs captured for different patterns must read and write the same memory. `StaticUnitCache`
-therefore keeps every reused unit output in a buffer allocated before capture and updated in place.
+step to step: graphs captured for different patterns must read and write the same memory. The schedule runtime's
+static mode keeps every unit output in a buffer allocated at step 0 and updated in place, and its seek() selects
+the step (hence the pattern) that the next call runs as, which is all that capture needs.
 
 Timing: CUDA events around the region (synchronised after each repeat), after warm-up; on a CPU, wall time
 under torch.inference_mode. Results are medians with p10/p90 over the repeats. Peak memory: on CUDA
@@ -38,34 +39,9 @@ from ..models import build_graph, get_adapter
 from ..util import denoiser_of, positive_int
 
 MODES = ("eager", "graph", "static")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ----- arguments ---------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'cuda' when a GPU is there and nothing was asked; a clear error when CUDA is asked without one."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise DiffpruneError(f"unknown device {device!r}; use cpu or cuda") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DiffpruneError("CUDA was requested but no CUDA GPU is available to this PyTorch "
-                             f"(torch {torch.__version__}); run on a GPU machine or pass --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise DiffpruneError(f"device {device!r} is not supported for benchmarks; use cpu or cuda")
-    return dev
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise DiffpruneError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def check_mode(mode: str, device: torch.device) -> str:
     if mode not in MODES:
         raise DiffpruneError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -129,9 +105,11 @@ def _release(device: torch.device):
 
 
 # ----- inputs --------------------------------------------------------------------------------------
-def denoiser_inputs(model, batch: int, cfg: bool, height=None, width=None, seed: int = 0):
+def denoiser_inputs(model, batch: int, cfg: bool, height=None, width=None):
     """(x, cond) for one denoiser call at `batch` samples: x has the denoiser batch (2*batch with CFG, the
     doubled [uncond; cond] batch one pipeline call runs) and cond the matching conditioning."""
+    from ..sampling import _cat
+
     positive_int(batch, "batch")
     adapter = get_adapter(model)
     p = next(model.parameters())
@@ -139,192 +117,75 @@ def denoiser_inputs(model, batch: int, cfg: bool, height=None, width=None, seed:
                                         dtype=p.dtype)
     if not cfg:
         return x, cond
-    if adapter.conditioning == "text":
-        _, _, uncond = adapter.example_inputs(model, batch=batch, height=height, width=width, device=p.device,
-                                              dtype=p.dtype)
-    else:
-        uncond = adapter.null_condition(model, batch, device=p.device)
+    # text models: any embedding of the right shape stands for the empty prompt (values do not change timings)
+    uncond = cond if adapter.conditioning == "text" else adapter.null_condition(model, batch, device=p.device)
     if not cond or not uncond:
         raise DiffpruneError(f"{adapter.family} model without conditioning: classifier-free guidance (--cfg) "
                              "does not apply to it")
-    return torch.cat([x, x]), _cat_cond(uncond, cond)
+    return torch.cat([x, x]), _cat(uncond, cond)
 
 
-def _cat_cond(a, b):
-    if torch.is_tensor(a):
-        return torch.cat([a, b])
-    if isinstance(a, dict):
-        return {k: _cat_cond(a[k], b[k]) for k in a}
-    return a  # None and other non-tensors pass through
-
-
-# ----- static unit caches for captured schedules --------------------------------------------------
-def _tree_clone(obj):
-    if torch.is_tensor(obj):
-        return obj.clone()
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_tree_clone(v) for v in obj)
-    if isinstance(obj, dict):
-        return type(obj)(**{k: _tree_clone(v) for k, v in obj.items()})
-    return obj
-
-
-def _tree_copy_(dst, src):
-    if torch.is_tensor(dst):
-        dst.copy_(src)
-    elif isinstance(dst, (tuple, list)):
-        for d, s in zip(dst, src):
-            _tree_copy_(d, s)
-    elif isinstance(dst, dict):
-        for k in dst:
-            _tree_copy_(dst[k], src[k])
-
-
-class StaticUnitCache:
-    """Run a denoiser with a chosen set of live units; every other unit in `units` returns its last output
-    from a static buffer. A live unit computes and writes its output into its buffer in place, so graphs
-    captured for different live sets all read and write the same memory. Units live at every step of a
-    schedule need no buffer and are not wrapped (a keep-everything schedule captures the plain dense graph).
-    Use as a context manager; the original forwards are restored on exit, also on errors."""
-
-    def __init__(self, model: torch.nn.Module, units: list[str]):
-        self.model = model
-        self.units = list(units)
-        self.live: set[str] = set(self.units)
-        self.buffers: dict[str, Any] = {}
-        self._patched: list[torch.nn.Module] = []
-
-    def set_live(self, live: set[str]):
-        self.live = set(live)
-
-    def _wrap(self, name: str, module: torch.nn.Module):
-        original = module.forward
-
-        def forward(*args, **kwargs):
-            if name in self.live:
-                out = original(*args, **kwargs)
-                if name in self.buffers:
-                    _tree_copy_(self.buffers[name], out)
-                else:  # first (eager, uncaptured) run allocates the buffer
-                    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                        raise RuntimeError(f"unit {name}: cache buffer allocated during graph capture")
-                    self.buffers[name] = _tree_clone(out)
-                return out
-            if name not in self.buffers:
-                raise DiffpruneError(f"unit {name} is reused before it ever ran; a schedule's step 0 must "
-                                     "compute every unit")
-            return self.buffers[name]
-        return forward
-
-    def __enter__(self):
-        try:
-            for name in self.units:
-                module = self.model.get_submodule(name)
-                module.forward = self._wrap(name, module)
-                self._patched.append(module)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        for module in self._patched:
-            with contextlib.suppress(AttributeError):
-                del module.forward  # the instance attribute shadowed the class's forward
-        self._patched = []
-        return False
-
-
-def step_patterns(graph, schedule) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct live-unit patterns of a schedule and which pattern each step uses.
-
-    Returns (patterns, index): patterns is (P, n_units) bool in graph.units order, ordered by first use;
-    index[s] is the pattern of step s. Liveness applies the dependency cascade (UnitGraph.live_units)."""
-    table = schedule_table(graph, schedule)
-    live = np.stack([graph.live_units(row) for row in table])
-    _, first, inverse = np.unique(live, axis=0, return_index=True, return_inverse=True)
-    order = np.argsort(first)            # renumber patterns by first use: step 0's pattern is number 0
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return live[np.sort(first)], rank[np.asarray(inverse).reshape(-1)]
-
-
-def schedule_table(graph, schedule) -> np.ndarray:
-    """The schedule's (steps x units) keep table with its columns in graph.units order."""
-    table = np.asarray(schedule.table, dtype=bool)
-    units = list(schedule.units)
-    if sorted(units) != sorted(graph.units):
-        raise DiffpruneError(f"the schedule's units ({len(units)}, e.g. {units[:2]}) are not this model's "
-                             f"{graph.granularity} units ({graph.n_units}, e.g. {graph.units[:2]}); the schedule "
-                             "was made for another model or granularity")
-    if table.ndim != 2 or table.shape[1] != len(units):
-        raise DiffpruneError(f"schedule table has shape {table.shape}, expected (steps, {len(units)})")
-    if not table[0].all():
-        raise DiffpruneError("step 0 of the schedule does not compute every unit; it must (it fills the caches)")
-    return table[:, [units.index(u) for u in graph.units]]
-
-
-def macs_summary(graph, schedule, steps: int) -> dict:
+def macs_summary(graph, schedule, n_calls: int) -> dict:
     """Dense and scheduled MACs of a rollout (cascade applied) and the ideal speedup they imply."""
-    dense = graph.total_macs * steps
-    if schedule is None:
-        return {"dense_macs": dense, "schedule_macs": dense, "macs_reduction": 0.0, "macs_ideal_speedup": 1.0}
-    sched = graph.schedule_macs(schedule_table(graph, schedule))
+    dense = graph.total_macs * n_calls
+    sched = dense if schedule is None else schedule.macs(graph)
     return {"dense_macs": dense, "schedule_macs": sched, "macs_reduction": 1 - sched / dense,
             "macs_ideal_speedup": dense / sched}
 
 
 # ----- one denoiser call on static buffers, replayable ---------------------------------------------
 class _StaticCall:
-    """A denoiser call on static input and output buffers, for one or several step patterns.
+    """A denoiser call on static input and output buffers, for each step pattern of a schedule.
 
-    In "graph" mode each pattern is warmed up on a side stream and captured into a CUDA graph (all graphs share
-    one memory pool: they never run concurrently and keep no state in it); in "static" mode run() calls the
-    denoiser eagerly on the same buffers."""
+    With a schedule runtime in static mode (fixed cache buffers updated in place), pattern k is selected by
+    seeking the runtime to `steps[k]`, a step that uses it; the first pattern must be step 0's, whose eager run
+    allocates every cache buffer before anything is captured. In "graph" mode each pattern is warmed up on a side
+    stream and captured into a CUDA graph; the graphs share one memory pool (they never run concurrently, and the
+    caches they share live outside it). In "static" mode run() calls the denoiser eagerly on the same buffers."""
 
-    def __init__(self, model, x, t_value, cond, mode: str, patterns: list[set[str]] | None = None,
-                 cache: StaticUnitCache | None = None, t_dtype=torch.long):
-        self.model, self.mode, self.cache = model, mode, cache
+    def __init__(self, model, x, t_value, cond, mode: str, runtime=None, steps: list[int] | None = None,
+                 t_dtype=torch.long):
+        self.model, self.mode, self.runtime = model, mode, runtime
         self.adapter = get_adapter(model)
+        self.steps = steps if runtime is not None else [None]
         self.x = x.clone()
         self.t = torch.full((x.shape[0],), t_value, dtype=t_dtype, device=x.device)
         self.cond = cond
-        self.patterns = patterns or [None]
         self.graphs: list = []
         with torch.inference_mode():
-            self.out = self._forward(self.patterns[0]).clone()  # fills every cache buffer (pattern 0 is all-live)
+            self.out = self._forward(0).clone()  # step 0: fills every cache buffer
         if mode == "graph":
             self._capture()
 
-    def _forward(self, pattern):
-        if self.cache is not None and pattern is not None:
-            self.cache.set_live(pattern)
+    def _forward(self, k):
+        if self.runtime is not None:
+            self.runtime.seek(self.steps[k])
         return self.adapter.predict_noise(self.model, self.x, self.t, self.cond)
 
-    def _body(self, pattern):
-        self.out.copy_(self._forward(pattern))
+    def _body(self, k):
+        self.out.copy_(self._forward(k))
 
     def _capture(self):
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         with torch.inference_mode():
-            for pattern in self.patterns:
+            for k in range(len(self.steps)):
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
                     for _ in range(2):
-                        self._body(pattern)
+                        self._body(k)
                 torch.cuda.current_stream().wait_stream(side)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
-                    self._body(pattern)
+                    self._body(k)
                 self.graphs.append(g)
         torch.cuda.synchronize()
 
-    def run(self, pattern_index: int = 0):
+    def run(self, k: int = 0):
         if self.mode == "graph":
-            self.graphs[pattern_index].replay()
+            self.graphs[k].replay()
         else:
-            self._body(self.patterns[pattern_index])
+            self._body(k)
         return self.out
 
 
@@ -368,13 +229,20 @@ def time_denoiser_call(model, batch: int = 1, *, cfg: bool = False, height: int 
 def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim", batch: int = 1,
                  cfg: bool = False, guidance_scale: float = 7.5, height: int | None = None,
                  width: int | None = None, mode: str = "eager", repeats: int = 5, warmup: int = 1,
-                 scheduler_config: dict | None = None, seed: int = 0, graph=None, pattern_repeats: int = 10,
-                 return_sample: bool = False) -> dict:
-    """End-to-end latency of one sampler rollout: `steps` sampler steps (scheduler steps, CFG arithmetic and
-    every denoiser call included), dense or under a static `schedule` (a diffprune Schedule, or anything with
-    `.table` (calls x units, bool) and `.units`). In graph/static mode it also reports each step pattern's
-    call time (`pattern_call_ms`) and how many graphs were captured. With return_sample=True the final latents
-    come back under "sample" (for checking that modes agree)."""
+                 scheduler_config: dict | None = None, seed: int = 0, graph=None, strict: bool = True,
+                 pattern_repeats: int = 10, return_sample: bool = False) -> dict:
+    """End-to-end latency of one sampler rollout of `steps` steps at `batch` samples (the scheduler's
+    set_timesteps and steps, CFG arithmetic and every denoiser call included), dense or under `schedule` (a
+    diffprune Schedule for this sampler and step count; strict=False accepts it for another architecture with
+    the same units). graph: the model's UnitGraph at the schedule's granularity (built when omitted).
+
+    Returns median/p10/p90/... ms of the rollout, per_call_ms (median / calls), the MACs of the rollout and the
+    ideal speedup they imply, and peak memory. In graph/static mode also: the number of step patterns (= CUDA
+    graphs captured), the steps using each, each pattern's call time (pattern_call_ms), their sum over the rollout
+    (denoiser_ms: the rollout minus it is the sampler's own time) and capture_s. With
+    return_sample=True the final latents of the last timed rollout come back under "sample" (every rollout starts
+    from the same noise, so this checks that modes and schedules agree).
+    """
     from ..sampling import make_scheduler, notify_rollout_start
 
     model = denoiser_of(model)
@@ -385,47 +253,49 @@ def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim"
     scheduler = make_scheduler(sampler, scheduler_config)
     scheduler.set_timesteps(steps)
     n_calls = len(scheduler.timesteps)
+    t_dtype = scheduler.timesteps.dtype
     x_call, cond = denoiser_inputs(model, batch, cfg, height, width)
-    granularity = getattr(schedule, "granularity", "coarse") if schedule is not None else "coarse"
+    granularity = schedule.granularity if schedule is not None else "coarse"
     if graph is None or graph.granularity != granularity:
         graph = build_graph(model, granularity, batch=1, height=x_call.shape[-2], width=x_call.shape[-1])
-    if schedule is not None and len(schedule.table) != n_calls:
-        raise DiffpruneError(f"the schedule has {len(schedule.table)} steps but {sampler} with {steps} steps makes "
-                             f"{n_calls} denoiser calls; use a schedule made for this sampler and step count")
+    if schedule is not None:
+        schedule.check(graph, n_calls=n_calls)
     macs = macs_summary(graph, schedule, n_calls)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn((batch, *x_call.shape[1:]), generator=g).to(device, x_call.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn((batch, *x_call.shape[1:]), generator=gen).to(device, x_call.dtype)
     adapter = get_adapter(model)
 
     extra: dict = {}
     reset_peak_memory(device)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
+        runtime = None
+        if schedule is not None:
+            from ..schedule import apply_schedule
+            runtime = stack.enter_context(apply_schedule(model, schedule, graph=graph, strict=strict,
+                                                         static=mode != "eager"))
         if mode == "eager":
-            if schedule is not None:
-                from ..schedule import apply_schedule
-                stack.enter_context(apply_schedule(model, schedule))
-
             def denoise(i, xin, t):
-                tt = torch.full((xin.shape[0],), t.item(), dtype=scheduler.timesteps.dtype, device=device)
+                tt = torch.full((xin.shape[0],), t.item(), dtype=t_dtype, device=device)
                 return adapter.predict_noise(model, xin, tt, cond)
+
+            def start():
+                notify_rollout_start(model, n_calls)  # the runtime resets its caches
         else:
-            if schedule is None:
-                patterns, index, cache = [None], np.zeros(n_calls, dtype=int), None
-            else:
-                live, index = step_patterns(graph, schedule)
-                reused = [u for u, always in zip(graph.units, live.all(axis=0)) if not always]
-                cache = stack.enter_context(StaticUnitCache(model, reused))
-                patterns = [{u for u, l in zip(graph.units, row) if l} for row in live]
-                extra["cached_units"] = len(reused)
+            patterns = runtime.step_patterns() if runtime is not None else []
+            index = np.zeros(n_calls, dtype=int)
+            for k, p in enumerate(patterns):
+                index[p.steps] = k
             t0 = time.perf_counter()
-            call = _StaticCall(model, x_call, int(scheduler.timesteps[0]), cond, mode, patterns, cache,
-                               t_dtype=scheduler.timesteps.dtype)
+            call = _StaticCall(model, x_call, scheduler.timesteps[0].item(), cond, mode, runtime,
+                               [p.steps[0] for p in patterns], t_dtype=t_dtype)
             extra["capture_s"] = time.perf_counter() - t0
-            extra["patterns"] = len(patterns)
-            extra["pattern_steps"] = [int((index == p).sum()) for p in range(len(patterns))]
-            extra["pattern_call_ms"] = [summarize(measure(lambda p=p: call.run(p), device, pattern_repeats, 1))
-                                        ["median_ms"] for p in range(len(patterns))]
+            extra["patterns"] = len(call.steps)
+            extra["pattern_steps"] = [len(p.steps) for p in patterns] or [n_calls]
+            extra["pattern_call_ms"] = [summarize(measure(lambda k=k: call.run(k), device, pattern_repeats, 1))
+                                        ["median_ms"] for k in range(len(call.steps))]
+            # what the denoiser calls alone should take; the rest of a rollout is the sampler's own work
+            extra["denoiser_ms"] = float(np.dot(extra["pattern_steps"], extra["pattern_call_ms"]))
 
             def denoise(i, xin, t):
                 call.x.copy_(xin)
@@ -433,8 +303,13 @@ def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim"
                 out = call.run(int(index[i]))
                 return out.clone() if not cfg else out  # samplers keep past outputs (PLMS, DPM-Solver)
 
+            def start():
+                pass  # step 0 refills every cache; a runtime reset would free the buffers the graphs write
+
+        last = []
+
         def rollout():
-            notify_rollout_start(model, n_calls)
+            start()
             scheduler.set_timesteps(steps)  # resets the sampler's state, as a pipeline call does
             x = noise * scheduler.init_noise_sigma
             for i, t in enumerate(scheduler.timesteps):
@@ -445,10 +320,12 @@ def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim"
                     uncond, text = eps.chunk(2)
                     eps = uncond + guidance_scale * (text - uncond)
                 x = scheduler.step(eps, t, x, return_dict=False)[0]
-            return x
+            last[:] = [x]
 
         samples = measure(rollout, device, repeats, warmup)
-        final = rollout() if return_sample else None
+        final = last[0] if return_sample else None
+        if mode != "eager":
+            del call  # the graphs go before the runtime frees the caches they write
     result = {**_context(model, mode), "what": "rollout", "schedule": schedule is not None, "sampler": sampler,
               "steps": steps, "calls": n_calls, "batch": batch, "cfg": bool(cfg), "guidance_scale": guidance_scale,
               "denoiser_batch": int(x_call.shape[0]), "input_shape": list(x_call.shape), "granularity": granularity,
@@ -456,7 +333,32 @@ def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim"
               **peak_memory(device)}
     if final is not None:
         result["sample"] = final.detach().float().cpu()
-    if mode != "eager":
-        del call
     _release(device)
     return result
+
+
+# ----- reporting -----------------------------------------------------------------------------------
+def add_speedups(results: list[dict]) -> list[dict]:
+    """Set `speedup` (dense rollout time / this rollout's, same mode and sampler settings) on each rollout."""
+    def key(r):
+        return (r["mode"], r["sampler"], r["steps"], r["batch"], r["cfg"])
+    dense = {key(r): r["median_ms"] for r in results if r.get("what") == "rollout" and not r.get("schedule")}
+    for r in results:
+        if r.get("what") == "rollout" and key(r) in dense:
+            r["speedup"] = dense[key(r)] / r["median_ms"]
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    """A plain-text table of call and rollout results (one row each)."""
+    head = f"{'mode':7s} {'run':18s} {'median ms':>10s} {'p10':>9s} {'p90':>9s} {'ms/call':>8s} " \
+           f"{'speedup':>8s} {'MACs ideal':>10s} {'peak MiB':>9s}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        name = r.get("label") or (f"{r['what']} {'schedule' if r.get('schedule') else 'dense'}")
+        per_call = r["median_ms"] if r["what"] == "call" else r["per_call_ms"]
+        speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        ideal = f"{r['macs_ideal_speedup']:.2f}x" if "macs_ideal_speedup" in r else ""
+        lines.append(f"{r['mode']:7s} {name:18s} {r['median_ms']:10.2f} {r['p10_ms']:9.2f} {r['p90_ms']:9.2f} "
+                     f"{per_call:8.2f} {speed:>8s} {ideal:>10s} {r['peak_mem_bytes'] / 2**20:9.0f}")
+    return "\n".join(lines)

@@ -205,3 +205,23 @@ def _plain(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def collapse_report(schedule_or_table, graph: UnitGraph) -> dict:
+    """Has a schedule collapsed to whole-step reuse? Each call is classified, with the cascade applied, as
+    "full" (every unit computed that a dense call computes), "reuse" (no unit computed: the call only reruns the
+    always-run layers on cached features, i.e. it reuses the previous step) or "partial". A schedule with reuse
+    steps and no partial step is a non-uniform step-skipping schedule in disguise (what DiP-GO's released SD-1.5
+    schedule at 0.8 is), and is better compared against fewer sampler steps and whole-step reuse baselines."""
+    table = schedule_or_table.table if isinstance(schedule_or_table, Schedule) else np.asarray(schedule_or_table, bool)
+    dense = graph.live_units(np.ones(graph.n_units, dtype=bool))
+    full, reuse, partial = [], [], []
+    for s, row in enumerate(table):
+        live = graph.live_units(row)
+        (full if np.array_equal(live, dense) else reuse if not live.any() else partial).append(s)
+    collapsed = bool(reuse) and not partial
+    note = (f"collapsed to whole-step reuse: {len(full)} of {len(table)} calls run in full, the other {len(reuse)} "
+            f"reuse the previous step; compare with fewer sampler steps and whole-step reuse"
+            if collapsed else f"{len(partial)} of {len(table)} calls compute part of the model")
+    return {"collapsed": collapsed, "full_steps": full, "reuse_steps": reuse, "partial_steps": partial,
+            "note": note}

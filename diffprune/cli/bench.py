@@ -1,0 +1,109 @@
+"""diffprune bench: latency and peak memory of a denoiser, per call and end to end, dense and under a schedule."""
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "bench", help="time a denoiser (per call and whole rollouts), dense and under a schedule",
+        description="Time MODEL: one denoiser call, and whole sampler rollouts (scheduler steps included), dense "
+                    "and, with --schedule, under the schedule; report median/p10/p90 ms, the measured speedup next "
+                    "to the MACs ideal, and peak memory. On a GPU the default modes are 'graph' (the denoiser "
+                    "captured as CUDA graphs, one per distinct step pattern of the schedule: eager PyTorch is "
+                    "launch-bound on fast GPUs, so compare dense and pruned captured) and 'eager' beside it; on a "
+                    "CPU, eager wall time.")
+    p.add_argument("model", help="zoo name (e.g. sd15, dit-xl-2, fmnist-unet) or local diffusers model/pipeline "
+                                 "directory")
+    p.add_argument("--schedule", help="a schedule JSON (diffprune search): also time rollouts under it")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the schedule's, else 50)")
+    p.add_argument("--sampler", help="ddim, ddpm, plms, dpm-solver++ or lcm (default: the schedule's, else ddim)")
+    p.add_argument("--batch", type=int, default=1, help="samples per rollout (default 1)")
+    p.add_argument("--cfg", action="store_true",
+                   help="classifier-free guidance: the denoiser runs on the doubled batch [uncond; cond]")
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale used with --cfg (default 7.5)")
+    p.add_argument("--height", type=int, help="input height in model pixels (latents for latent models)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
+                   help="model precision (default fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--device", help="cpu or cuda (default cuda when available)")
+    p.add_argument("--mode", help="comma-separated: graph (CUDA graphs), eager, static (the graph path without "
+                                  "capture) (default graph,eager on cuda, eager on cpu)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rollouts per setting (default 5)")
+    p.add_argument("--call-repeats", type=int, default=30, help="timed single calls (default 30)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rollouts before timing (default 1)")
+    p.add_argument("--no-call", action="store_true", help="skip the single-call timing")
+    p.add_argument("--no-dense", action="store_true", help="with --schedule: skip the dense rollouts")
+    p.add_argument("--no-strict", action="store_true",
+                   help="accept a schedule made for another architecture with the same units (e.g. the dense "
+                        "model that a structurally pruned one came from)")
+    p.add_argument("--json", metavar="OUT", help="write all results to this JSON file")
+    return p
+
+
+def run(args):
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..errors import DiffpruneError
+    from ..metrics import latency
+    from ..models import build_graph
+    from ..util import atomic_write_text, denoiser_of, positive_int
+    from ._common import load_for_sampling, load_schedule
+
+    for name in ("batch", "repeats", "call_repeats"):
+        positive_int(getattr(args, name), "--" + name.replace("_", "-"))
+    if args.steps is not None:
+        positive_int(args.steps, "--steps")
+    if args.warmup < 0:
+        raise DiffpruneError(f"--warmup must be >= 0, got {args.warmup}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    modes = [m.strip() for m in (args.mode or ("graph,eager" if device.startswith("cuda") else "eager")).split(",")]
+    for m in modes:
+        if m not in latency.MODES:
+            raise DiffpruneError(f"unknown --mode {m!r}; choose from {', '.join(latency.MODES)}")
+    if "graph" in modes and not device.startswith("cuda"):
+        raise DiffpruneError("--mode graph captures CUDA graphs and needs --device cuda; use --mode eager on a CPU")
+    if args.no_dense and not args.schedule:
+        raise DiffpruneError("--no-dense needs --schedule (otherwise there is nothing to time)")
+
+    schedule = load_schedule(args.schedule)
+    steps = args.steps or (schedule.num_steps if schedule is not None else 50)
+    sampler = args.sampler or (schedule.sampler if schedule is not None else "ddim")
+    obj = load_for_sampling(args.model, device, dtype)
+    model = denoiser_of(obj)
+    scheduler_config = dict(obj.scheduler.config) if obj is not model else None
+    common = dict(batch=args.batch, cfg=args.cfg, height=args.height, width=args.width)
+    rollout = dict(common, steps=steps, sampler=sampler, guidance_scale=args.guidance, repeats=args.repeats,
+                   warmup=args.warmup, scheduler_config=scheduler_config)
+
+    # the unit graph (MACs, data flow, step patterns) is traced once and shared by every measurement
+    graph = build_graph(model, schedule.granularity if schedule is not None else "coarse",
+                        height=args.height, width=args.width)
+    jobs = []  # (label, thunk), run under one progress bar
+    for mode in modes:
+        if not args.no_call:
+            jobs.append((f"{mode} call", lambda mode=mode: latency.time_denoiser_call(
+                model, **common, mode=mode, repeats=args.call_repeats)))
+        runs = ([None] if not args.no_dense else []) + ([schedule] if schedule is not None else [])
+        for sched in runs:
+            jobs.append((f"{mode} rollout {'schedule' if sched is not None else 'dense'}",
+                         lambda mode=mode, sched=sched: latency.time_rollout(
+                             model, sched, **rollout, mode=mode, graph=graph, strict=not args.no_strict)))
+    results = []
+    with tqdm(jobs, desc="bench", unit="run", leave=False) as bar:
+        for label, job in bar:
+            bar.set_postfix_str(label)
+            results.append(job())
+    latency.add_speedups(results)
+    print(f"{args.model}: {type(model).__name__}, {dtype} on {device}, batch {args.batch}"
+          f"{' (CFG: denoiser batch ' + str(2 * args.batch) + ')' if args.cfg else ''}, {sampler} {steps} steps"
+          f"{', schedule ' + args.schedule if schedule is not None else ''}")
+    print(latency.format_table(results))
+    if args.json:
+        doc = {"model": args.model, "device": device, "dtype": dtype, "schedule": args.schedule,
+               "steps": steps, "sampler": sampler, "results": results}
+        atomic_write_text(args.json, json.dumps(doc, indent=1))
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,110 @@
+"""diffprune prune: structural pruning (Diff-Pruning) of a denoiser into a pruned-model directory."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(sub):
+    from ..structural import CRITERIA, HEAD_MODES, REDUCTIONS, RULES
+    from ..structural.calibration import SOURCES
+    p = sub.add_parser(
+        "prune", help="remove channels/heads (Diff-Pruning and baselines) and write a pruned model",
+        description="Remove the same ratio of channels from every dependency group of MODEL's denoiser (channels, "
+                    "attention head dims, MLP hidden units), scored by --criterion, and write OUT: model.safetensors "
+                    "+ diffprune_pruned.json (loadable anywhere a MODEL is taken), prune_report.json (sizes, "
+                    "groups, timesteps used), and timestep_loss.png for the gradient criteria. Fine-tune the result "
+                    "with `diffprune finetune OUT`.")
+    p.add_argument("model", help="zoo name or local diffusers model/pipeline directory")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove per group, in (0, 1)")
+    p.add_argument("--criterion", default="diff-pruning", metavar="{" + ",".join(CRITERIA) + "}",
+                   help="diff-pruning: Taylor over the informative timesteps (default); taylor: all timesteps; "
+                        "magnitude: weight norm (--norm); random; reinit: random then fresh weights (scratch)")
+    p.add_argument("--threshold", type=float, default=0.05,
+                   help="diff-pruning: stop accumulating at the first t with L_t < T * max L (default 0.05; "
+                        "0 = all timesteps)")
+    p.add_argument("--norm", type=int, default=2, choices=[1, 2], help="magnitude: L2 (default) or L1")
+    p.add_argument("--rule", default="paper", choices=RULES,
+                   help="paper: floor(n/G) channels removed inside each of the G GroupNorm groups (default); "
+                        "tp: torch-pruning 1.6's rule (count per group, same positions in every group)")
+    p.add_argument("--reduction", default="paper", choices=REDUCTIONS,
+                   help="per-channel reduction over coupled layers: paper (sum of (w*g)^2, GroupNorm terms, "
+                        "plain sum; default) or port (sum |w*g|, mean over layers, divided by the mean)")
+    p.add_argument("--heads", default="dims", choices=HEAD_MODES,
+                   help="multi-head attention: shrink every head's dim alike (default) or remove whole heads")
+    p.add_argument("--data", default="auto", choices=SOURCES,
+                   help="calibration batch: Fashion-MNIST for 1x32x32 pixel models, synthetic otherwise (auto)")
+    p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
+    p.add_argument("--batch", type=int, help="calibration batch size (default 128 at 32x32, 64 at 64x64, 4 for "
+                                             "latent text models)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch, noise and random scores")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args):
+    import torch
+
+    from .. import zoo
+    from ..errors import DiffpruneError
+    from ..structural import prune, save_pruned
+    from ..structural.importance import check_criterion
+    from ..structural.timesteps import check_threshold, plot_losses, TimestepReport
+    from ..util import atomic_write_text, denoiser_of, output_directory, positive_int, ratio
+
+    # ---- cheap checks first, before anything is loaded ----
+    ratio(args.ratio)
+    check_threshold(args.threshold)
+    check_criterion(args.criterion, args.reduction, args.norm)
+    if args.batch is not None:
+        positive_int(args.batch, "--batch")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise DiffpruneError(f"{out} already exists; choose another --out or pass --overwrite")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffpruneError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+
+    obj = zoo.load_model(args.model)
+    model = denoiser_of(obj)
+    scheduler_config = dict(obj.scheduler.config) if model is not obj else None
+    if model is not obj:
+        print(f"diffprune prune: pruning the pipeline's {type(model).__name__}; OUT holds the denoiser only",
+              file=sys.stderr)
+    torch.nn.Module.to(model, args.device, torch.float32)  # scores and pruned weights in full precision
+    model, report = prune(model, args.ratio, args.criterion, args.threshold, args.data, rule=args.rule,
+                          reduction=args.reduction, norm=args.norm, heads=args.heads, seed=args.seed,
+                          batch=args.batch, data_dir=args.data_dir, scheduler_config=scheduler_config,
+                          progress=not args.quiet)
+    source = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # a teacher for --distill
+    report = {"source": source, **report}
+    meta = {k: v for k, v in report.items() if k not in ("groups", "timesteps")}
+    model = model.cpu()
+    with output_directory(out, overwrite=args.overwrite) as tmp:
+        save_pruned(model, tmp, meta=meta)
+        atomic_write_text(tmp / "prune_report.json", json.dumps(report, indent=1))
+        if "timesteps" in report:
+            plot_losses(TimestepReport(**report["timesteps"]), tmp / "timestep_loss.png")
+    _summary(report, out)
+    return 0
+
+
+def _summary(r: dict, out: Path):
+    how = r["criterion"]
+    if "timesteps" in r:
+        ts = r["timesteps"]
+        t = f"T={ts['threshold']:g}, " if r["criterion"] == "diff-pruning" else ""
+        how += f" ({t}{ts['selected']} of {ts['num_train_timesteps']} timesteps)"
+    elif "norm" in r:
+        how += f" ({r['norm']})"
+    shape = "x".join(map(str, r["macs_input_shape"]))
+    print(f"pruned {r['source']} ({r['class']}) by {r['ratio']:g} with {how}, {r['rule']} channel rule")
+    print(f"params {r['params_before'] / 1e6:.4f}M -> {r['params_after'] / 1e6:.4f}M; "
+          f"MACs {r['macs_before'] / 1e9:.4f}G -> {r['macs_after'] / 1e9:.4f}G (input {shape})")
+    for note in r.get("notes", []):
+        print(f"note: {note}")
+    files = sorted(p.name for p in out.iterdir())
+    print(f"wrote {out}/ ({', '.join(files)})")

@@ -1,0 +1,138 @@
+"""diffprune search: make a schedule (DiP-GO or a baseline) and write it as JSON with a heatmap PNG beside it."""
+from __future__ import annotations
+
+METHOD_HELP = ("dipgo: train the DiP-GO pruner and threshold it at the ratio; deepcache: shallow branch every "
+               "step, everything on full steps; steps: fewer sampler steps; step-reuse: the best whole-step reuse "
+               "schedule by a cheap search; random / genetic: searches at a fixed evaluation budget")
+
+
+def add_parser(sub):
+    p = sub.add_parser("search", help="make a block-skipping schedule (DiP-GO, DeepCache, fewer steps, searches)",
+                       description="Make a schedule for MODEL: which units to compute at each denoiser call of a "
+                                   "--steps-step --sampler rollout, at pruned MACs ratio --ratio (the dependency "
+                                   "cascade counted). Writes --out (JSON) and a heatmap PNG beside it. Quality of "
+                                   "searched schedules = SSIM of final images to the dense rollout from the same "
+                                   "noise. " + METHOD_HELP)
+    p.add_argument("model", help="zoo name or local diffusers model/pipeline directory")
+    p.add_argument("--method", required=True, choices=["dipgo", "deepcache", "steps", "step-reuse", "random",
+                                                       "genetic"], help="how to make the schedule")
+    p.add_argument("--ratio", type=float, help="target pruned MACs ratio in (0, 1), e.g. 0.8 = 5x fewer MACs "
+                                               "(DeepCache: or give --interval)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps of the rollout (default 50)")
+    p.add_argument("--sampler", default="ddim", help="ddim, ddpm, plms, dpm-solver++ or lcm (default ddim)")
+    p.add_argument("--granularity", choices=["coarse", "fine"], default="coarse",
+                   help="units: coarse = down/mid/up or transformer blocks; fine = resnet/attention branches or "
+                        "attention/feed-forward branches (default coarse)")
+    p.add_argument("--out", required=True, help="schedule JSON to write (the heatmap goes to the same name .png)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--seed", type=int, default=0, help="seed of noise, conditions and searches (default 0)")
+    p.add_argument("--cfg", type=float, dest="guidance_scale",
+                   help="classifier-free guidance scale of the rollouts the schedule is made for (default 2 for "
+                        "conditional models, as `diffprune sample` uses; 1 = none)")
+    p.add_argument("--classes", help="comma-separated class labels to draw from (class models; default all)")
+    p.add_argument("--prompts", help="text file, one prompt per line (Stable Diffusion pipelines)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model precision")
+    g = p.add_argument_group("searches (random, genetic, step-reuse)")
+    g.add_argument("--budget", type=int, default=32, help="schedule evaluations (default 32)")
+    g.add_argument("--samples", type=int, default=4, help="samples per evaluation (default 4)")
+    g = p.add_argument_group("DeepCache")
+    g.add_argument("--interval", type=int, help="one full step in N (default: chosen from --ratio)")
+    g.add_argument("--depth", type=int, default=1, help="units kept at each end on cheap steps (default 1)")
+    g.add_argument("--non-uniform", action="store_true", help="full steps denser mid-rollout")
+    g = p.add_argument_group("DiP-GO")
+    g.add_argument("--iterations", type=int, default=200, help="pruner training iterations (default 200)")
+    g.add_argument("--batch-size", type=int, default=1, help="samples per iteration (default 1)")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="default sgd")
+    g.add_argument("--lr", type=float, help="learning rate (default 0.1 for sgd, 1e-3 for adamw)")
+    g.add_argument("--alpha", type=float, default=1.0, help="sparsity loss weight (default 1)")
+    g.add_argument("--dim", type=int, default=512, help="query dimension (default 512)")
+    g.add_argument("--no-encoder", action="store_true", help="skip the query encoder (to measure what it does)")
+    g.add_argument("--no-checkpoint", action="store_true", help="keep all activations instead of recomputing")
+    g.add_argument("--pruner", help="a trained pruner (.safetensors) to threshold instead of training one")
+    g.add_argument("--save-pruner", help="write the trained pruner here (.safetensors)")
+    g.add_argument("--state", help="resumable training state file (.safetensors); resumes if it exists")
+    return p
+
+
+def run(args):
+    from pathlib import Path
+
+    import torch
+
+    from ..errors import DiffpruneError
+    from ..util import atomic_write_bytes, positive_int, ratio
+    from ._common import load_for_sampling
+
+    # every argument is checked before any work
+    if args.ratio is not None:
+        ratio(args.ratio, "--ratio")
+    elif not (args.method == "deepcache" and args.interval is not None):
+        raise DiffpruneError(f"--method {args.method} needs --ratio (a pruned MACs ratio strictly between 0 and 1)")
+    for name in ("steps", "budget", "samples", "iterations", "batch_size", "dim", "depth"):
+        positive_int(getattr(args, name), "--" + name.replace("_", "-"))
+    if args.interval is not None:
+        positive_int(args.interval, "--interval")
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise DiffpruneError(f"--out must name a .json file, got {args.out}")
+    png = out.with_suffix(".png")
+    for f in (out, png):
+        if f.exists() and not args.overwrite:
+            raise DiffpruneError(f"{f} already exists; choose another --out or pass --overwrite")
+    if args.pruner and args.method != "dipgo":
+        raise DiffpruneError("--pruner only applies to --method dipgo")
+    labels = None
+    if args.classes:
+        try:
+            labels = torch.tensor([int(c) for c in args.classes.split(",")])
+        except ValueError:
+            raise DiffpruneError(f"--classes must be comma-separated integers, got {args.classes!r}") from None
+    prompts = None
+    if args.prompts:
+        try:
+            prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+        except OSError as e:
+            raise DiffpruneError(f"--prompts {args.prompts}: {e}") from None
+
+    from ..models import build_graph, get_adapter
+    from ..schedule import search_schedule
+    from ..schedule.plot import schedule_heatmap
+    from ..util import denoiser_of
+    obj = load_for_sampling(args.model, args.device, args.dtype)
+    model = denoiser_of(obj)
+    graph = build_graph(model, args.granularity)
+    if args.guidance_scale is None:
+        adapter = get_adapter(model)
+        conditional = adapter.conditioning == "text" or (
+            adapter.conditioning == "class" and getattr(adapter, "is_class_conditional", lambda m: True)(model))
+        args.guidance_scale = 2.0 if conditional else 1.0
+    options = {}
+    if args.method == "dipgo":
+        options = dict(iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                       alpha=args.alpha, dim=args.dim, encoder=not args.no_encoder,
+                       checkpoint=not args.no_checkpoint, pruner=args.pruner, save_pruner=args.save_pruner,
+                       state_path=args.state)
+    sched = search_schedule(obj, args.method, ratio=args.ratio, steps=args.steps, sampler=args.sampler,
+                            graph=graph, budget=args.budget, n_samples=args.samples,
+                            guidance_scale=args.guidance_scale, seed=args.seed, labels=labels, prompts=prompts,
+                            interval=args.interval, depth=args.depth, non_uniform=args.non_uniform, **options)
+    sched.meta["model"] = args.model
+    image = schedule_heatmap(sched, graph)  # rendered before anything is written
+    atomic_write_bytes(png, image)
+    try:
+        sched.save(out)
+    except BaseException:
+        png.unlink(missing_ok=True)  # never a heatmap without its schedule
+        raise
+    m = sched.meta
+    print(f"wrote {out} and {png}: {sched.n_calls} calls x {sched.n_units} {sched.granularity} units, "
+          f"{m.get('method')}, pruned MACs ratio {m.get('pruned_ratio', sched.pruned_ratio(graph)):.4f}"
+          + (f" (target {args.ratio})" if args.ratio is not None else ""))
+    if "ssim" in m:
+        print(f"SSIM to the dense rollout: {m['ssim']:.4f} ({m.get('evaluations')} evaluations)")
+    if m.get("collapse", {}).get("collapsed") and m.get("method") != "step-reuse":
+        print(f"note: {m['collapse']['note']}")
+    if m.get("method") == "steps":
+        print(f"note: {m['note']}")
+    return 0

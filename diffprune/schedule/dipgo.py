@@ -1,0 +1,417 @@
+"""DiP-GO: a small pruner network learns, per (denoiser call, unit), whether to compute the unit or reuse its
+cached output; post-processing turns its scores into a static schedule at any target MACs ratio.
+
+Pruner: T x N learnable queries (dim 512) -> an encoder layer (single-head self-attention among the N queries of
+a step + FFN, residual + LayerNorm; it really applies here, unlike the released code, and can be switched off to
+measure it) -> a separate MLP head per (step, unit), 512 -> 128 -> 128 -> 2 ([skip, keep] logits), computed for
+all heads at once with batched einsums. The last layer starts at zero weights and bias (skip 0, keep 1): every
+unit starts as keep, so the consistency loss starts at 0 and the sparsity loss at its maximum.
+
+Gates: straight-through one-hot argmax of softmax; the forward value is exactly 0/1 (hard + (p - p.detach())),
+so the gated rollout computes exactly what the hard schedule would, while gradients reach the probabilities.
+
+Training runs every unit at every step and blends keep * current + skip * cached (runtime.set_gates). The cached
+value is DETACHED: gradients then flow between steps only through the latents, which is what each step's
+activation checkpoint saves and recomputes (a side channel into an earlier step's graph would be invisible to the
+checkpoint); the gate still gets its exact local gradient (current - cached) and, through the latents, every
+later effect of its decision.
+
+Losses: consistency = 1 - SSIM(final image of the gated rollout, final image of the dense rollout) from the same
+noise and condition (latent pipelines decode with the VAE); sparsity = alpha * mean over steps of
+sum_u g_keep[t, u] * gamma_u, switched off while the hard cascaded kept-MACs fraction is below 1 - target.
+
+gamma_u (cascaded_costs): the share of one denoiser call's MACs that dies when u alone is skipped and every other
+unit kept: u itself plus every producer whose outputs then reach the model output only through u
+(UnitGraph.step_macs of the full keep row minus that of the row without u). In an SD UNet the last up block's
+gamma is the whole step (skipping it kills everything), the mid block's is its own cost; in a DiT the last
+block's is the whole step. This is the cost the runtime actually saves by that one decision, read from the traced
+data flow, not a hand-written table.
+
+Post-processing (table_at_ratio): bisection on the keep-score threshold; cells below it are skipped, the cascade is
+applied (UnitGraph.schedule_macs) and the pruned MACs ratio measured; step 0 is never pruned. The ratio is
+monotone in the threshold, so bisecting over the sorted distinct scores finds the closest achievable ratio; it
+lands within 0.0125 of the target unless one cell's cascade is a bigger jump (say so, don't hide it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import DiffpruneError
+from ..models import UnitGraph, architecture_hash, build_graph
+from ..util import atomic_write_bytes, ratio as check_ratio
+from .rollouts import make_rollouts
+from .runtime import ScheduleRuntime
+from .schedule import Schedule, collapse_report
+
+RATIO_TOLERANCE = 0.0125
+PRUNER_FORMAT = "diffprune-dipgo-pruner"
+
+
+# ----- costs and post-processing --------------------------------------------------------------------------------
+
+def cascaded_costs(graph: UnitGraph) -> np.ndarray:
+    """gamma_u: share of one call's MACs that dies when unit u alone is skipped (see the module docstring)."""
+    full = np.ones(graph.n_units, dtype=bool)
+    total = graph.step_macs(full)
+    gamma = np.empty(graph.n_units)
+    for i in range(graph.n_units):
+        row = full.copy()
+        row[i] = False
+        gamma[i] = (total - graph.step_macs(row)) / total
+    return gamma
+
+
+def pruned_ratio(table, graph: UnitGraph) -> float:
+    """1 - MACs of the rollout (cascade applied) / MACs of the dense rollout with as many calls."""
+    table = np.asarray(table, dtype=bool)
+    return 1.0 - graph.schedule_macs(table) / (table.shape[0] * graph.total_macs)
+
+
+def table_at_ratio(scores, graph: UnitGraph, ratio: float, tol: float = RATIO_TOLERANCE):
+    """The keep table whose pruned MACs ratio is closest to `ratio` among thresholds on `scores` (steps x units;
+    keep a cell iff its score >= threshold; row 0 always kept). Returns (table, achieved ratio, threshold)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] != graph.n_units:
+        raise DiffpruneError(f"scores must be (steps, {graph.n_units}); got {scores.shape}")
+    cuts = np.append(np.unique(scores[1:]), np.inf)  # cut k drops the cells scoring below cuts[k]
+
+    def table(k):
+        t = scores >= cuts[k]
+        t[0] = True
+        return t
+
+    cache: dict[int, float] = {}
+
+    def achieved(k):
+        if k not in cache:
+            cache[k] = pruned_ratio(table(k), graph)
+        return cache[k]
+
+    lo, hi = 0, len(cuts) - 1
+    if achieved(hi) <= ratio:
+        best = hi
+    else:  # smallest k whose ratio reaches the target; the answer is it or the one before
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if achieved(mid) >= ratio:
+                hi = mid
+            else:
+                lo = mid + 1
+        best = min((k for k in (lo - 1, lo) if k >= 0), key=lambda k: abs(achieved(k) - ratio))
+    got = achieved(best)
+    if abs(got - ratio) >= tol:
+        warnings.warn(f"the closest achievable pruned ratio is {got:.4f}, not within {tol} of {ratio}: a single "
+                      f"(step, unit) decision moves the ratio by more than that here (few steps or ties in the "
+                      f"scores)")
+    return table(best), got, float(cuts[best])
+
+
+# ----- the pruner -----------------------------------------------------------------------------------------------
+
+class Pruner(nn.Module):
+    def __init__(self, n_calls: int, n_units: int, dim: int = 512, hidden: int = 128, encoder: bool = True,
+                 seed: int = 0):
+        super().__init__()
+        self.n_calls, self.n_units, self.dim, self.hidden, self.use_encoder = n_calls, n_units, dim, hidden, encoder
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.queries = nn.Parameter(torch.randn(n_calls, n_units, dim))
+            if encoder:
+                self.attn = nn.MultiheadAttention(dim, num_heads=1, batch_first=True)
+                self.norm1 = nn.LayerNorm(dim)
+                self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+                self.norm2 = nn.LayerNorm(dim)
+            shape = (n_calls, n_units)
+            self.w1 = nn.Parameter(_he_uniform((*shape, dim, hidden), dim))
+            self.w2 = nn.Parameter(_he_uniform((*shape, hidden, hidden), hidden))
+        self.b1 = nn.Parameter(torch.zeros(*shape, hidden))
+        self.b2 = nn.Parameter(torch.zeros(*shape, hidden))
+        self.w3 = nn.Parameter(torch.zeros(*shape, hidden, 2))
+        self.b3 = nn.Parameter(torch.tensor([0.0, 1.0]).expand(*shape, 2).clone())
+
+    def encode(self) -> torch.Tensor:
+        q = self.queries
+        if not self.use_encoder:
+            return q
+        # the N queries of one step attend to each other (steps are the batch)
+        h = self.norm1(q + self.attn(q, q, q, need_weights=False)[0])
+        return self.norm2(h + self.ffn(h))
+
+    def forward(self) -> torch.Tensor:
+        """[skip, keep] logits, (n_calls, n_units, 2)."""
+        h = self.encode()
+        h = F.relu(torch.einsum("tnd,tndh->tnh", h, self.w1) + self.b1)
+        h = F.relu(torch.einsum("tnd,tndh->tnh", h, self.w2) + self.b2)
+        return torch.einsum("tnd,tndh->tnh", h, self.w3) + self.b3
+
+    def gates(self) -> torch.Tensor:
+        """Straight-through one-hot [skip, keep] gates; forward values exactly 0/1, step 0 always keep."""
+        logits = self()
+        probs = logits.softmax(-1)
+        keep = (logits[..., 1] >= logits[..., 0]).to(probs.dtype)
+        hard = torch.stack([1 - keep, keep], dim=-1)
+        gates = hard + (probs - probs.detach())
+        first = torch.tensor([0.0, 1.0], device=gates.device).expand(1, self.n_units, 2)
+        return torch.cat([first, gates[1:]])
+
+    @torch.no_grad()
+    def keep_scores(self) -> np.ndarray:
+        """Keep probability per (call, unit), step 0 set to 1: the scores post-processing thresholds."""
+        s = self().softmax(-1)[..., 1].double().cpu().numpy()
+        s[0] = 1.0
+        return s
+
+    # ----- files ----------------------------------------------------------------------------------------------
+    def save(self, path, info: dict | None = None):
+        """Weights as safetensors; shapes and what the pruner was trained for in the metadata."""
+        from safetensors.torch import save
+        meta = {"format": PRUNER_FORMAT, "n_calls": self.n_calls, "n_units": self.n_units, "dim": self.dim,
+                "hidden": self.hidden, "encoder": self.use_encoder, **(info or {})}
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write_bytes(path, save(tensors, metadata={"diffprune": json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path) -> tuple["Pruner", dict]:
+        """(pruner, info) from a file written by save(); a clear error for anything else."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        p = Path(path)
+        if not p.is_file():
+            raise DiffpruneError(f"{path}: no such pruner file")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("diffprune", "{}"))
+            tensors = load_file(str(p))
+        except Exception as e:  # safetensors raises several kinds for a damaged file
+            raise DiffpruneError(f"{path}: not a readable safetensors file ({e})") from None
+        if meta.get("format") != PRUNER_FORMAT:
+            raise DiffpruneError(f"{path} is not a DiP-GO pruner written by diffprune")
+        pruner = cls(meta["n_calls"], meta["n_units"], meta["dim"], meta["hidden"], meta["encoder"])
+        try:
+            pruner.load_state_dict(tensors)
+        except RuntimeError as e:
+            raise DiffpruneError(f"{path}: weights do not fit the pruner it describes ({e})") from None
+        return pruner, meta
+
+
+def _he_uniform(shape, fan_in):
+    # He initialisation keeps the heads' ReLU features at unit scale (nn.Linear's default shrinks them ~3x per
+    # layer): the last layer's gradient grows with their square, so SGD at the paper's lr 0.1 moves the logits
+    # within a few hundred iterations instead of tens of thousands
+    bound = math.sqrt(6.0 / fan_in)
+    return torch.empty(shape).uniform_(-bound, bound)
+
+
+# ----- training -------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DipGo:
+    """A trained pruner with what it was trained for; schedule(ratio) gives a schedule for any target."""
+    pruner: Pruner
+    graph: UnitGraph
+    sampler: str
+    num_steps: int
+    model_hash: str
+    history: list[dict] = dataclasses.field(default_factory=list)
+    config: dict = dataclasses.field(default_factory=dict)
+
+    def schedule(self, ratio: float, tol: float = RATIO_TOLERANCE) -> Schedule:
+        check_ratio(ratio, "ratio")
+        table, got, threshold = table_at_ratio(self.pruner.keep_scores(), self.graph, ratio, tol)
+        meta = {"method": "dipgo", "target_ratio": ratio, "pruned_ratio": got, "threshold": threshold,
+                "collapse": collapse_report(table, self.graph), "training": self.summary()}
+        return Schedule.from_table(self.graph, table, sampler=self.sampler, num_steps=self.num_steps,
+                                   model_hash=self.model_hash, meta=meta)
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in self.config.items()}
+        if self.history:
+            out["first"] = self.history[0]
+            out["last"] = self.history[-1]
+        return out
+
+    def info(self) -> dict:
+        return {"family": self.graph.family, "granularity": self.graph.granularity, "units": self.graph.units,
+                "sampler": self.sampler, "num_steps": self.num_steps, "model_hash": self.model_hash}
+
+    def save_pruner(self, path):
+        self.pruner.save(path, self.info())
+
+    @classmethod
+    def load_pruner(cls, path, model, graph: UnitGraph | None = None) -> "DipGo":
+        """A trained pruner read back for `model` (checked: same architecture and units)."""
+        pruner, meta = Pruner.load(path)
+        graph = graph or build_graph(model, meta.get("granularity", "coarse"))
+        if meta.get("units") != graph.units or meta.get("model_hash") != architecture_hash(model):
+            raise DiffpruneError(f"{path} was trained for another model or granularity "
+                                 f"({meta.get('family')}, {meta.get('granularity')}); train one for this model")
+        return cls(pruner=pruner, graph=graph, sampler=meta["sampler"], num_steps=meta["num_steps"],
+                   model_hash=meta["model_hash"], config={"loaded_from": str(path)})
+
+
+def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampler: str = "ddim",
+                 granularity: str = "coarse", graph: UnitGraph | None = None, iterations: int = 200,
+                 batch_size: int = 1, optimizer: str = "sgd", lr: float | None = None, momentum: float = 0.0,
+                 weight_decay: float = 1e-4, warmup: int = 10, grad_clip: float = 1.0, alpha: float = 1.0,
+                 guidance_scale: float = 1.0, labels=None, prompts=None, conditions=None, seed: int = 0,
+                 dim: int = 512, hidden: int = 128, encoder: bool = True, checkpoint: bool = True,
+                 pruner: Pruner | None = None, state_path=None, checkpoint_every: int = 50,
+                 progress: bool = True) -> DipGo:
+    """Train a DiP-GO pruner on `model_or_pipeline` (a bare denoiser or a pipeline; the model is frozen and left
+    unchanged) for a target pruned MACs ratio.
+
+    labels / prompts / conditions choose the conditions (see rollouts.make_rollouts); every sample gets fresh
+    noise. optimizer "sgd" (lr 0.1, weight decay, no momentum: the released recipe) or "adamw" (lr 1e-3; it
+    normalises gradients, so every cell moves at the same speed and gamma only sets the sign); cosine decay after
+    `warmup` linear warm-up iterations; gradient norm clipped to grad_clip. The pruner is fp32 whatever the model's
+    precision. checkpoint: recompute each denoiser call in the backward pass (activation checkpointing per step).
+    state_path: a .safetensors file the pruner and optimizer state are saved to every checkpoint_every iterations
+    and at the end; if it exists, training resumes from it."""
+    target = check_ratio(target, "target")
+    if optimizer not in ("sgd", "adamw"):
+        raise DiffpruneError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    for name, v in (("iterations", iterations), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DiffpruneError(f"{name} must be a positive integer, got {v!r}")
+    lr = lr if lr is not None else (0.1 if optimizer == "sgd" else 1e-3)
+    rollouts = make_rollouts(model_or_pipeline, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
+                             labels=labels, prompts=prompts, conditions=conditions)
+    model = rollouts.model
+    graph = graph or build_graph(model, granularity)
+    T, N = rollouts.n_calls, graph.n_units
+    device = next(model.parameters()).device
+    pruner = (pruner or Pruner(T, N, dim=dim, hidden=hidden, encoder=encoder, seed=seed)).float().to(device)
+    if (pruner.n_calls, pruner.n_units) != (T, N):
+        raise DiffpruneError(f"the pruner is for {pruner.n_calls} calls x {pruner.n_units} units; this run has "
+                             f"{T} x {N}")
+    params = [p for p in pruner.parameters()]
+    opt = (torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay) if optimizer == "sgd"
+           else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
+
+    def lr_factor(it):
+        if it < warmup:
+            return (it + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, iterations - warmup)))
+
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    gamma = torch.tensor(cascaded_costs(graph), dtype=torch.float32, device=device)
+    dense_macs = T * graph.total_macs
+    config = {"target": target, "iterations": iterations, "batch_size": batch_size, "optimizer": optimizer,
+              "lr": lr, "momentum": momentum if optimizer == "sgd" else None, "weight_decay": weight_decay,
+              "warmup": warmup, "grad_clip": grad_clip, "alpha": alpha, "guidance_scale": guidance_scale,
+              "seed": seed, "dim": pruner.dim, "hidden": pruner.hidden, "encoder": pruner.use_encoder,
+              "sampler": sampler, "num_steps": num_steps, "granularity": graph.granularity}
+    history: list[dict] = []
+    start = 0
+    if state_path is not None and Path(state_path).exists():
+        start, history = _load_state(state_path, pruner, opt, config)
+        lr_sched.last_epoch = start  # the lr of iteration `start`; step() carries on from there
+        for group, base in zip(opt.param_groups, lr_sched.base_lrs):
+            group["lr"] = base * lr_factor(start)
+
+    result = DipGo(pruner=pruner, graph=graph, sampler=sampler, num_steps=num_steps,
+                   model_hash=architecture_hash(model), history=history, config=config)
+    runtime = ScheduleRuntime(model, Schedule.keep_all(graph, num_steps, sampler=sampler, model=model, n_calls=T),
+                              graph=graph)
+    frozen = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.requires_grad_(False).eval()
+    bar = tqdm(range(start, iterations), desc="dipgo", disable=not progress, initial=start, total=iterations)
+    try:
+        with runtime:
+            for it in bar:
+                rng = np.random.default_rng([seed, it])
+                cond = rollouts.conditions(rng, batch_size)
+                noise = rollouts.noise(batch_size, seed=int(rng.integers(0, 2 ** 62)))  # fresh noise every time
+                with runtime.paused(), torch.no_grad():
+                    reference = rollouts.run(noise, cond)
+                gates = pruner.gates()
+                runtime.set_gates(gates)
+                images = rollouts.run(noise, cond, differentiable=True, checkpoint=checkpoint)
+                consistency = 1 - rollouts.similarity(images, reference)
+                kept = graph.schedule_macs(runtime.keep) / dense_macs
+                sparsity = alpha * (gates[1:, :, 1] * gamma).sum(-1).mean()
+                sparse_on = kept > 1 - target  # drop the sparsity term once the hard schedule is cheap enough
+                loss = consistency + sparsity if sparse_on else consistency
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+                lr_now = opt.param_groups[0]["lr"]
+                opt.step()
+                lr_sched.step()
+                runtime.set_gates(None)
+                row = {"iteration": it, "loss": loss.item(), "consistency": consistency.item(),
+                       "sparsity": sparsity.item(), "sparsity_on": bool(sparse_on), "kept_macs": float(kept),
+                       "grad_norm": grad_norm, "lr": lr_now}
+                history.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{kept:.3f}")
+                if state_path is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == iterations):
+                    _save_state(state_path, pruner, opt, config, it + 1, history)
+    finally:
+        for p, f in zip(model.parameters(), frozen):
+            p.requires_grad_(f)
+        model.train(was_training)
+    return result
+
+
+# ----- resumable state ------------------------------------------------------------------------------------------
+
+_RUN_KEYS = ("target", "optimizer", "batch_size", "seed", "dim", "hidden", "encoder", "sampler", "num_steps",
+             "granularity", "alpha")
+
+
+def _save_state(path, pruner, opt, config, iteration, history):
+    from safetensors.torch import save
+    tensors = {f"pruner/{k}": v.detach().cpu().contiguous() for k, v in pruner.state_dict().items()}
+    sd = opt.state_dict()
+    scalars = {}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.ndim > 0:
+                tensors[f"opt/{idx}/{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}/{k}"] = float(v)
+    meta = {"iteration": iteration, "history": history, "config": config, "scalars": scalars,
+            "param_groups": sd["param_groups"]}
+    atomic_write_bytes(path, save(tensors, metadata={"diffprune_state": json.dumps(meta)}))
+
+
+def _load_state(path, pruner, opt, config):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["diffprune_state"])
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise DiffpruneError(f"{path}: cannot resume from this file ({e}); delete it to start over") from None
+    saved = meta["config"]
+    changed = [k for k in _RUN_KEYS if saved.get(k) != config.get(k)]
+    if changed:
+        raise DiffpruneError(f"{path} holds a run with other settings ({', '.join(changed)}); use the same "
+                             f"settings to resume, or another state file")
+    pruner.load_state_dict({k[len("pruner/"):]: v for k, v in tensors.items() if k.startswith("pruner/")})
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt/"):
+            _, idx, name = k.split("/", 2)
+            state.setdefault(int(idx), {})[name] = v.to(next(pruner.parameters()).device)
+    for k, v in meta["scalars"].items():
+        idx, name = k.split("/", 1)
+        state.setdefault(int(idx), {})[name] = torch.tensor(v)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["iteration"]), list(meta["history"])
+
+
+__all__ = ["Pruner", "DipGo", "train_pruner", "table_at_ratio", "cascaded_costs", "pruned_ratio",
+           "RATIO_TOLERANCE"]

@@ -1,0 +1,343 @@
+"""Structural (channel) pruning of a diffusers denoiser through torch-pruning's dependency graph.
+
+torch-pruning traces which layers share each channel dimension (a "group": a conv's outputs, the norms and
+residual adds they feed, the next layers' inputs, concatenated skips ...). Every group loses the same ratio r
+(local, one-shot pruning), scored by one criterion (importance.py); this module chooses WHICH channels itself and
+then asks the graph to remove exactly those, so the architecture follows the paper rather than the library's
+defaults:
+
+- paper rule (default): n = C - int(C * (1 - r)) channels are due. A group coupled to GroupNorm with G groups
+  removes floor(n / G) channels inside EACH of the G groups, each group choosing its own lowest scores (so 128 ->
+  96 at r = 0.3); a group without GroupNorm removes n (256 -> 179).
+- tp rule: torch-pruning 1.6's own choice, reproduced: scores averaged over the G groups, the same positions
+  removed in every group, the count computed per group (128 -> 64 at r = 0.3).
+Multi-head attention keeps head_dim uniform: heads are the groups of the q/k/v channels (or whole heads are
+removed, heads="whole"). GEGLU projections lose hidden units in (value, gate) pairs. The final output conv never
+loses outputs; model inputs (image channels, text-encoder width of cross-attention keys/values) are never pruned,
+because nothing upstream of them is prunable. DiT prunes attention heads/head_dim, MLP hidden width and the
+time-embedding MLP hidden width only: its residual stream is tied to fixed position embeddings and adaLN chunks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections import Counter
+
+import torch
+import torch.nn as nn
+
+from ..errors import DiffpruneError
+from ..metrics.macs import count_macs_by_module
+from ..models import count_params, get_adapter
+from ..util import ratio as check_ratio
+from . import fixups
+from .calibration import CalibrationBatch, calibration_batch
+from .importance import GRADIENT_CRITERIA, check_criterion, group_scores
+from .timesteps import accumulate_gradients, alphas_cumprod_for, check_threshold
+
+SUPPORTED_FAMILIES = ("unet2d", "unet2d-condition", "dit")
+RULES = ("paper", "tp")
+HEAD_MODES = ("dims", "whole")
+_TRANSFORMER_KINDS = ("attention", "mlp", "time-mlp")   # what a DiT may lose
+
+
+# ----- which channels: pure functions of the scores ------------------------------------------------------------
+
+def removal_count(channels: int, ratio: float) -> int:
+    """Channels due at ratio r: C - int(C * (1 - r)), as torch-pruning and the paper compute it."""
+    return channels - int(channels * (1 - ratio))
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.argsort(scores, stable=True)[:k]
+
+
+def choose_indices(scores: torch.Tensor, ratio: float, groups: int = 1, rule: str = "paper",
+                   multiple_of: int = 1) -> list[int]:
+    """Indices (into the group's channels) to remove. `groups` contiguous channel groups (GroupNorm groups or
+    attention heads) must stay equal in size; `multiple_of` rounds an ungrouped count down (a GroupNorm reached
+    only through a concatenation)."""
+    c = len(scores)
+    if groups <= 1:
+        n = removal_count(c, ratio)
+        n = min(n - n % multiple_of, c - multiple_of)
+        return sorted(_lowest(scores, max(n, 0)).tolist())
+    if c % groups:
+        raise DiffpruneError(f"internal: {c} channels do not split into {groups} groups")
+    size = c // groups
+    if rule == "paper":  # floor(n / G) per group, each group by its own lowest scores
+        k = min(removal_count(c, ratio) // groups, size - 1)
+        picked = [_lowest(scores[g * size:(g + 1) * size], k) + g * size for g in range(groups)]
+    else:  # torch-pruning 1.6: mean over groups, count per group, same positions everywhere
+        k = min(removal_count(size, ratio), size - 1)
+        pos = _lowest(scores.view(groups, size).mean(0), k)
+        picked = [pos + g * size for g in range(groups)]
+    return sorted(torch.cat(picked).tolist())
+
+
+def choose_heads(scores: torch.Tensor, ratio: float, heads: int) -> tuple[list[int], int]:
+    """Remove whole heads (lowest summed score); returns (channel indices, heads removed). One head always stays."""
+    size = len(scores) // heads
+    k = min(removal_count(heads, ratio), heads - 1)
+    worst = _lowest(scores.view(heads, size).sum(1), k)
+    idx = torch.cat([torch.arange(h * size, (h + 1) * size) for h in worst.tolist()]) if k else torch.empty(0)
+    return sorted(idx.long().tolist()), k
+
+
+# ----- the groups of a model -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class GroupPlan:
+    root: str                    # module whose output channels root the group
+    kind: str                    # channels | attention | mlp | time-mlp
+    channels: int
+    groups: int                  # GroupNorm groups or heads the channels are split into (1: none)
+    groupnorm: bool
+    paired: bool                 # GEGLU: hidden unit i and gate i + C/2 go together
+    remove: list[int] = dataclasses.field(default_factory=list)
+    attention: list[str] = dataclasses.field(default_factory=list)
+    heads_removed: int = 0
+
+    @property
+    def kept(self) -> int:
+        return self.channels - len(self.remove)
+
+    def summary(self) -> dict:
+        return {"root": self.root, "kind": self.kind, "channels": self.channels, "kept": self.kept,
+                "groups": self.groups, "groupnorm": self.groupnorm, **({"heads_removed": self.heads_removed}
+                                                                       if self.heads_removed else {})}
+
+
+class _ModelIndex:
+    """What the group classifier needs to know about a model's modules."""
+
+    def __init__(self, model):
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.attention = {}                 # id(q/k/v linear) -> attention module name
+        for name, attn in fixups.attention_modules(model).items():
+            for proj in (attn.to_q, attn.to_k, attn.to_v):
+                self.attention[id(proj)] = name
+        self.attn_modules = fixups.attention_modules(model)
+        self.mlp_in = {}                    # id(first feed-forward linear) -> paired?
+        self.time_hidden = set()            # id(linear_1) of timestep-embedding MLPs
+        for m in model.modules():
+            cls = type(m).__name__
+            if cls == "FeedForward":
+                act = m.net[0]
+                if isinstance(getattr(act, "proj", None), nn.Linear):
+                    self.mlp_in[id(act.proj)] = type(act).__name__ in ("GEGLU", "SwiGLU")
+            elif cls == "TimestepEmbedding":
+                self.time_hidden.add(id(m.linear_1))
+
+
+def _is_out(dep) -> bool:
+    return dep.handler.__name__ == "prune_out_channels"
+
+
+def _classify(group, index: _ModelIndex) -> GroupPlan:
+    root_dep = group[0].dep
+    root = root_dep.target.module
+    c = len(group[0].idxs)
+    attn = sorted({index.attention[id(it.dep.target.module)] for it in group
+                   if _is_out(it.dep) and id(it.dep.target.module) in index.attention})
+    gns = [it.dep.target.module for it in group if isinstance(it.dep.target.module, nn.GroupNorm)]
+    paired = False
+    if attn:
+        kind = "attention"
+        heads = {index.attn_modules[a].heads for a in attn}
+        if len(heads) != 1:
+            raise DiffpruneError(f"internal: coupled attention modules with different head counts: {attn}")
+        groups = heads.pop()
+    else:
+        kind = "channels"
+        groups = max((g.num_groups for g in gns), default=1)
+        if id(root) in index.mlp_in:
+            kind, paired = "mlp", index.mlp_in[id(root)]
+        elif id(root) in index.time_hidden:
+            kind = "time-mlp"
+    return GroupPlan(root=index.names[id(root)], kind=kind, channels=c, groups=groups, groupnorm=bool(gns),
+                     paired=paired, attention=attn)
+
+
+def _consistent(group, plan: GroupPlan) -> bool:
+    """Every real layer in the group sees every root channel equally often (twice where a block concatenates
+    two tensors of the same group; six times behind a 6-way chunk), or, behind a GEGLU chunk, half of them once.
+    Anything else is not a group this module knows how to prune."""
+    for it in group:
+        m = it.dep.target.module
+        if not isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm, nn.Embedding)):
+            continue
+        counts = Counter(it.root_idxs)
+        if plan.paired and not _is_out(it.dep) and 2 * len(counts) == plan.channels and set(counts.values()) == {1}:
+            continue
+        if len(counts) != plan.channels or len(set(counts.values())) != 1:
+            return False
+    return True
+
+
+# ----- the entry point ------------------------------------------------------------------------------------------
+
+def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float = 0.05, data=None, *,
+          rule: str = "paper", reduction: str = "paper", norm: int = 2, heads: str = "dims", seed: int = 0,
+          batch: int | None = None, data_dir=None, scheduler_config: dict | None = None,
+          progress: bool = True) -> tuple[nn.Module, dict]:
+    """Prune `model` (a supported diffusers denoiser) IN PLACE; returns (model, report).
+
+    data: None/"auto" (Fashion-MNIST for 1x32x32 pixel models, else a synthetic batch, recorded as such),
+    "fmnist", "synthetic", or a CalibrationBatch. Only the gradient criteria (diff-pruning, taylor) use it.
+    scheduler_config: the diffusers scheduler config the model was trained with (default: DDPM linear 1e-4..0.02,
+    SD's scaled-linear for text UNets).
+    """
+    ratio = check_ratio(ratio)
+    check_criterion(criterion, reduction, norm)
+    threshold = check_threshold(threshold)
+    if rule not in RULES:
+        raise DiffpruneError(f"unknown channel rule {rule!r}; choose one of {', '.join(RULES)}")
+    if heads not in HEAD_MODES:
+        raise DiffpruneError(f"unknown head mode {heads!r}; choose one of {', '.join(HEAD_MODES)}")
+    adapter = get_adapter(model)
+    if adapter.family not in SUPPORTED_FAMILIES:
+        raise DiffpruneError(f"structural pruning supports {', '.join(SUPPORTED_FAMILIES)} denoisers; "
+                             f"{type(model).__name__} ({adapter.family}) is not supported yet")
+    notes: list[str] = []
+    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    if checkpointing:  # checkpointed blocks hide their layers from the autograd trace
+        model.disable_gradient_checkpointing()
+        _tell(notes, "gradient checkpointing was switched off while tracing and scoring (it hides layers from "
+                     "the dependency graph) and switched back on afterwards", progress)
+    report = {"family": adapter.family, "class": type(model).__name__, "criterion": criterion, "ratio": ratio,
+              "rule": rule, "reduction": reduction, "heads": heads, "seed": seed}
+    if criterion == "magnitude":
+        report["norm"] = f"L{norm}"
+    was_training = model.training
+    model.eval()
+    try:
+        x, t_, cond = adapter.example_inputs(model)  # batch 1, native resolution
+        report.update(params_before=count_params(model), macs_before=count_macs(model, adapter, x, t_, cond),
+                      macs_input_shape=list(x.shape))
+        if criterion in GRADIENT_CRITERIA:
+            batch_data = data if isinstance(data, CalibrationBatch) else calibration_batch(
+                model, "auto" if data is None else data, batch=batch, data_dir=data_dir, seed=seed)
+            t = threshold if criterion == "diff-pruning" else 0.0
+            ts = accumulate_gradients(model, batch_data.images, batch_data.cond, t,
+                                      alphas_cumprod=alphas_cumprod_for(model, scheduler_config), seed=seed,
+                                      progress=progress)
+            report["calibration"] = batch_data.describe()
+            report["timesteps"] = ts.to_dict()
+            if batch_data.synthetic:
+                _tell(notes, f"calibration batch is synthetic ({batch_data.source})", progress)
+        dg, plans, skipped = _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, seed)
+        head_counts = _apply(model, dg, plans)
+        del dg
+        model.zero_grad(set_to_none=True)
+        fixups.repair(model, run=lambda: adapter.predict_noise(model, x, t_, cond), head_counts=head_counts)
+        if criterion == "reinit":
+            _reinitialise(model, seed, notes)
+        macs_after = count_macs(model, adapter, x, t_, cond)  # also checks every shape of the pruned model
+    finally:
+        model.train(was_training)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+    report.update(params_after=count_params(model), macs_after=macs_after,
+                  groups=[p.summary() for p in plans], skipped_groups=skipped, notes=notes)
+    if criterion in GRADIENT_CRITERIA:
+        report["timesteps_used"] = report["timesteps"]["selected"]
+    return model, report
+
+
+def count_macs(model, adapter, x, t, cond) -> int:
+    """MACs of one call under diffprune's counter (metrics.macs; equal to build_graph(...).total_macs), run on
+    fake tensors: shapes only, so an SD-size UNet is counted in about a second on a CPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run():
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            adapter.predict_noise(model, x, t, cond)
+
+    try:
+        return int(sum(count_macs_by_module(model, run).values()))
+    except Exception:  # an op without a fake-tensor kernel: count on real tensors
+        return int(sum(count_macs_by_module(model, lambda: adapter.predict_noise(model, x, t, cond)).values()))
+
+
+def _tell(notes: list, msg: str, progress: bool):
+    notes.append(msg)
+    if progress:
+        print(f"diffprune: {msg}", file=sys.stderr)
+
+
+def _trace(model, adapter):
+    import torch_pruning as tp
+    # the graph does not depend on resolution: trace at the smallest input (UNets: 1x1 at the bottom)
+    m = adapter.spatial_multiple(model) * (1 if adapter.family.startswith("unet") else 2)
+    inputs = adapter.example_inputs(model, batch=1, height=m, width=m)
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=inputs, forward_fn=lambda mod, inp: adapter.predict_noise(mod, *inp),
+            verbose=False)
+
+
+def _protected(model, adapter) -> list[nn.Module]:
+    """Layers whose outputs are the model's outputs."""
+    names = ("conv_out",) if adapter.family.startswith("unet") else ("proj_out_2", "proj_out")
+    return [getattr(model, n) for n in names if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, seed):
+    import torch_pruning as tp
+    if criterion in GRADIENT_CRITERIA and all(p.grad is None for p in model.parameters()):
+        raise DiffpruneError("internal: no gradients were accumulated for a gradient criterion")
+    dg = _trace(model, adapter)
+    index = _ModelIndex(model)
+    gen = torch.Generator().manual_seed(seed)
+    plans, skipped, cache = [], [], {}
+    for group in dg.get_all_groups(ignored_layers=_protected(model, adapter),
+                                   root_module_types=(tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)):
+        plan = _classify(group, index)
+        if adapter.family == "dit" and plan.kind not in _TRANSFORMER_KINDS:
+            continue  # the residual stream of a DiT stays whole (position embeddings, adaLN)
+        if not _consistent(group, plan):
+            skipped.append({"root": plan.root, "channels": plan.channels, "why": "channel mapping not 1:1"})
+            continue
+        scores = group_scores(group, criterion, reduction, norm, generator=gen, cache=cache)
+        if plan.paired:
+            half = plan.channels // 2
+            idx = choose_indices(scores[:half] + scores[half:], ratio, 1, rule)
+            plan.remove = sorted(idx + [i + half for i in idx])
+        elif plan.kind == "attention" and heads == "whole" and plan.groups > 1:
+            plan.remove, plan.heads_removed = choose_heads(scores, ratio, plan.groups)
+        elif plan.groups > 1 and plan.channels % plan.groups == 0:
+            plan.remove = choose_indices(scores, ratio, plan.groups, rule)
+        else:  # GroupNorm reached only through a concatenation: keep its width divisible
+            plan.remove = choose_indices(scores, ratio, 1, rule, multiple_of=max(plan.groups, 1))
+        plans.append(plan)
+    return dg, plans, skipped
+
+
+def _apply(model, dg, plans) -> dict[str, int]:
+    modules = dict(model.named_modules())
+    head_counts = {}
+    for plan in plans:
+        if not plan.remove:
+            continue
+        root = modules[plan.root]
+        group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, plan.remove)
+        if not dg.check_pruning_group(group):
+            raise DiffpruneError(f"internal: pruning {plan.root} would remove every channel of a layer")
+        group.prune(record_history=False)
+        for a in plan.attention if plan.heads_removed else []:
+            head_counts[a] = modules[a].heads - plan.heads_removed
+    return head_counts
+
+
+def _reinitialise(model, seed: int, notes: list):
+    """The 'scratch' control: the pruned architecture with fresh weights (each layer's default initialiser)."""
+    covered = set()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in model.modules():
+            if hasattr(m, "reset_parameters") and any(True for _ in m.parameters(recurse=False)):
+                m.reset_parameters()
+                covered.update(id(p) for p in m.parameters(recurse=False))
+    rest = [n for n, p in model.named_parameters() if id(p) not in covered]
+    notes.append("weights re-initialised (scratch control)" + (f"; kept as they were: {rest}" if rest else ""))

@@ -1,0 +1,162 @@
+"""Gradients for Taylor importance, accumulated over the informative timesteps only (Diff-Pruning).
+
+Timesteps are visited from the clean end (t = 0, 1, 2, ...). At each one the epsilon-prediction MSE L_t is computed
+on ONE fixed calibration batch with ONE fixed noise tensor, and a running maximum L_max is kept. The walk stops at the
+first t with L_t < T * L_max; that step is not included. Every included step adds its gradient to the parameters'
+.grad (no zero_grad in between), so the importance later sees sum_{t in S} dL_t/dw. T = 0 keeps every step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import DiffpruneError
+
+# Stable Diffusion's training schedule; the pixel models and DiT use the DDPM one (sampling.make_scheduler("ddpm")).
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   prediction_type="epsilon")
+
+
+def check_threshold(threshold: float) -> float:
+    t = float(threshold)
+    if not (0.0 <= t < 1.0) or math.isnan(t):
+        raise DiffpruneError(f"--threshold must lie in [0, 1) (0 keeps all timesteps), got {threshold}")
+    return t
+
+
+def should_stop(loss: float, loss_max: float, threshold: float) -> bool:
+    """The Diff-Pruning stopping rule: L_t < T * L_max (L_max already includes L_t)."""
+    return threshold > 0 and loss < threshold * loss_max
+
+
+def count_selected(losses: Sequence[float], threshold: float) -> int:
+    """|S| for a loss curve L_0, L_1, ... visited in order: the index of the first step that stops the walk
+    (or the curve's length if none does)."""
+    threshold = check_threshold(threshold)
+    loss_max = -math.inf
+    for t, loss in enumerate(losses):
+        loss_max = max(loss_max, float(loss))
+        if should_stop(float(loss), loss_max, threshold):
+            return t
+    return len(losses)
+
+
+@dataclasses.dataclass
+class TimestepReport:
+    threshold: float
+    num_train_timesteps: int
+    selected: int                 # |S|: steps whose gradients were accumulated (t = 0 .. selected-1)
+    stop_t: int | None            # the step that ended the walk (its gradient is not included); None: never stopped
+    losses: list[float]           # L_t of every visited step, t = 0 .. len-1 (includes stop_t)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def alphas_cumprod_for(model, scheduler_config: dict | None = None) -> torch.Tensor:
+    """The training noise schedule of `model`: the given (pipeline) scheduler config, else SD's for text UNets
+    and the DDPM linear 1e-4..0.02 schedule for everything else."""
+    from ..models import get_adapter
+    from ..sampling import make_scheduler
+    if scheduler_config is None and get_adapter(model).family == "unet2d-condition":
+        scheduler_config = SD_SCHEDULE
+    return make_scheduler("ddpm", scheduler_config).alphas_cumprod.to(torch.float32).clone()
+
+
+def accumulate_gradients(model, images: torch.Tensor, cond: dict, threshold: float, *,
+                         alphas_cumprod: torch.Tensor, seed: int = 0, progress: bool = True) -> TimestepReport:
+    """Backward the per-timestep loss of the selected timesteps into the parameters' .grad (summed).
+
+    `images` is the fixed clean batch (model space: pixels or latents), `cond` the adapter conditioning for it.
+    The model is put in eval() mode (dropout off) while scoring and restored afterwards.
+    """
+    from ..models import get_adapter
+    threshold = check_threshold(threshold)
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    x0 = images.to(device, dtype)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    cond = _to(cond, device, dtype)
+    acp = alphas_cumprod.to(device)
+    n_steps = len(acp)
+    was_training = model.training
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    losses: list[float] = []
+    loss_max = -math.inf
+    stop_t = None
+    bar = tqdm(range(n_steps), desc="accumulating gradients over timesteps", disable=not progress, leave=False)
+    try:
+        for t in bar:
+            a = acp[t]
+            x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(dtype)
+            tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
+            pred = adapter.predict_noise(model, x_t, tt, cond)
+            loss = F.mse_loss(pred.float(), noise.float())
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise DiffpruneError(f"the model's loss at timestep {t} is {value}; check the weights and the data")
+            losses.append(value)
+            loss_max = max(loss_max, value)
+            if should_stop(value, loss_max, threshold):
+                stop_t = t  # not included: the walk ends here
+                break
+            loss.backward()
+            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+    finally:
+        bar.close()
+        model.train(was_training)
+    selected = stop_t if stop_t is not None else n_steps
+    if selected == 0:
+        raise DiffpruneError("no timestep was selected; lower --threshold")
+    return TimestepReport(threshold=threshold, num_train_timesteps=n_steps, selected=selected, stop_t=stop_t,
+                          losses=losses)
+
+
+def _to(obj, device, dtype):
+    if torch.is_tensor(obj):
+        return obj.to(device, dtype) if obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def plot_losses(report: TimestepReport, path) -> None:
+    """PNG of L_t against t with the stopping level T * L_max and the selected range marked."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..util import atomic_write_bytes
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    ts = list(range(len(report.losses)))
+    ax.plot(ts, report.losses, lw=1.2, label="$L_t$ (fixed batch, fixed noise)")
+    if report.threshold > 0:
+        running = []
+        m = -math.inf
+        for v in report.losses:
+            m = max(m, v)
+            running.append(report.threshold * m)
+        ax.plot(ts, running, ls="--", lw=1, color="tab:red", label=f"T * running max (T={report.threshold:g})")
+    ax.axvspan(0, max(report.selected - 1, 0), color="tab:green", alpha=0.12,
+               label=f"selected: {report.selected} of {report.num_train_timesteps} steps")
+    if report.stop_t is not None:
+        ax.axvline(report.stop_t, color="tab:red", lw=0.8)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("epsilon MSE")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("Diff-Pruning timestep selection", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
