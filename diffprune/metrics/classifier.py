@@ -29,28 +29,30 @@ WEIGHTS_FILE = "classifier.safetensors"
 CONFIG_FILE = "classifier.json"
 REFERENCE_FILE = "fd_reference_test.safetensors"
 FORMAT = "diffprune-fmnist-classifier"
+DEFAULT_CHANNELS = (32, 64, 128, 128)
 
 
 class FMNISTClassifier(nn.Module):
-    """VGG-style stages (two 3x3 conv+BN+ReLU, then 2x2 max-pool) and a global average pool.
+    """A 4x4 stride-2 stem (28 -> 14), then 3x3 conv+BN+ReLU stages with 2x2 max-pools between them (14 -> 7 -> 3),
+    and a global average pool. Sized for a 2-core CPU: ~9M MACs per image, trains to >90% test accuracy in a few epochs.
 
     The pooled vector is the feature space of FD-FMNIST: like Inception's pool3, an average of post-ReLU maps,
     taken just before the linear classifier (the penultimate layer)."""
 
-    def __init__(self, channels=(32, 64, 128), num_classes: int = 10):
+    def __init__(self, channels=None, num_classes: int = 10):
         super().__init__()
-        self.channels = tuple(int(c) for c in channels)
+        self.channels = tuple(int(c) for c in (channels or DEFAULT_CHANNELS))
         self.num_classes = int(num_classes)
-        layers, c_in = [], 1
-        for i, c in enumerate(self.channels):
-            for j in range(2):
-                layers += [nn.Conv2d(c_in if j == 0 else c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
-                           nn.ReLU(inplace=True)]
-            if i < len(self.channels) - 1:  # 28 -> 14 -> 7; the last stage is pooled globally instead
-                layers.append(nn.MaxPool2d(2))
-            c_in = c
+
+        def cbr(c_in, c_out, k, stride, pad):
+            return [nn.Conv2d(c_in, c_out, k, stride, pad, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        layers = cbr(1, self.channels[0], 4, 2, 1)
+        for i, c in enumerate(self.channels[1:]):
+            if i:
+                layers.append(nn.MaxPool2d(2))  # 14 -> 7 -> 3
+            layers += cbr(self.channels[i], c, 3, 1, 1)
         self.body = nn.Sequential(*layers)
-        self.dropout = nn.Dropout(0.3)
+        self.dropout = nn.Dropout(0.2)
         self.head = nn.Linear(self.channels[-1], self.num_classes)
 
     @property
@@ -83,7 +85,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _read_config(directory: Path) -> dict:
+def read_config(directory: Path) -> dict:
+    """classifier.json of a classifier directory, checked enough to rebuild the network from it."""
     cfg_file = directory / CONFIG_FILE
     if not cfg_file.is_file():
         raise DiffpruneError(f"{directory} holds no {CONFIG_FILE}; point at a directory written by "
@@ -105,7 +108,7 @@ def load_classifier(directory: str | os.PathLike | None = None, device: str | to
     """The classifier in `directory` (default: the shipped one), in eval mode. A missing, corrupt or mismatched
     weights file raises DiffpruneError."""
     directory = Path(directory) if directory is not None else SHIPPED_DIR
-    cfg = _read_config(directory)
+    cfg = read_config(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise DiffpruneError(f"{weights} is missing; retrain with scripts/train_classifier.py")
@@ -203,7 +206,10 @@ def reference_statistics(directory: str | os.PathLike | None = None) -> tuple[np
 
 def fd_fmnist(images: torch.Tensor, reference=None, model: FMNISTClassifier | None = None, **kw) -> float:
     """FD-FMNIST: Frechet distance between the features of `images` and the reference (default: the shipped
-    real-test-set statistics; or real images, features, or a (mu, sigma) pair)."""
+    real-test-set statistics; or real images, features, or a (mu, sigma) pair).
+
+    Like FID it is biased upward for small sample sets (600 real test images score ~0.3 against the shipped
+    statistics, 5,000 vs the other 5,000 ~0.07, uniform noise ~60): compare models at equal sample counts."""
     from .quality import frechet_distance
     if reference is None:
         if model is not None:
@@ -218,11 +224,12 @@ def fd_fmnist(images: torch.Tensor, reference=None, model: FMNISTClassifier | No
 # ---------------------------------------------------------------------------------------------------------------
 # training (scripts/train_classifier.py is the command that produced the shipped files)
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 8, batch_size: int = 128,
-                     lr: float = 3e-3, channels=(32, 64, 128), seed: int = 0, progress: bool = True
-                     ) -> FMNISTClassifier:
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 6, batch_size: int = 128,
+                     lr: float = 3e-3, channels=DEFAULT_CHANNELS, seed: int = 0, eval_data=None,
+                     history: list | None = None, progress: bool = True) -> FMNISTClassifier:
     """Train on (N, 1, 28|32, 28|32) images in [-1, 1]. Fixed seed; AdamW with a one-cycle learning rate;
-    augmentation by random horizontal flips and +-2 pixel shifts (cheap, and they add ~0.5 point of accuracy)."""
+    augmentation by random horizontal flips and +-2 pixel shifts. With eval_data=(images, labels) the accuracy on
+    it is measured after every epoch; each epoch's numbers are appended to `history` when given."""
     from tqdm.auto import tqdm
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -232,23 +239,29 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     steps_per_epoch = (len(x) + batch_size - 1) // batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    model.train()
     bar = tqdm(total=epochs * steps_per_epoch, desc="train classifier", disable=not progress)
     t0 = time.time()
     for epoch in range(epochs):
+        model.train()
         order = torch.randperm(len(x), generator=gen)
+        total = 0.0
         for i in range(0, len(x), batch_size):
             idx = order[i:i + batch_size]
-            xb = _augment(x[idx], gen)
-            loss = F.cross_entropy(model(xb), labels[idx], label_smoothing=0.05)
+            loss = F.cross_entropy(model(_augment(x[idx], gen)), labels[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            total += loss.item() * len(idx)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        row = {"epoch": epoch + 1, "train_loss": round(total / len(x), 4), "seconds": round(time.time() - t0, 1)}
+        if eval_data is not None:
+            row["eval_accuracy"] = accuracy(eval_data[0], eval_data[1], model.eval())
+        bar.write(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch"))
+        if history is not None:
+            history.append(row)
     bar.close()
-    model.train_seconds = time.time() - t0
     return model.eval()
 
 
