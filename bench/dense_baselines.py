@@ -45,7 +45,7 @@ def main():
                                 guidance_scale=args.cfg, batch_size=args.batch_size, progress=False)
                 m["model"] = name if weights else f"{name} (untrained: ceiling)"
                 rows.append(m)
-                print(f"{m['model']} ddim{steps}: FD {m['fd_fmnist']:.2f} acc {m.get('class_accuracy', 0):.3f} "
+                print(f"{m['model']} ddim{steps}: FD {m.get('fd_fmnist', float('nan')):.2f} acc {m.get('class_accuracy', 0):.3f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
                 atomic_write_text(out / "dense_baselines.json", json.dumps(rows, indent=1))
                 atomic_write_text(out / "dense_baselines.md", format_table(rows, COLUMNS) + "\n")
