@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    out = Path(os.environ.get("OUT", "bench/results")) / "dense_baselines"
+    out = Path(os.environ.get("OUT", "bench/results")) / ("dense_baselines_" + args.models.replace(",", "_"))
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models.split(","):

@@ -41,7 +41,11 @@ def make_scheduler(name: str, config: dict | None = None):
     cls, fixed = classes[key]
     if config is None:
         return cls(**_TRAINING_SCHEDULE, **fixed)
-    return cls.from_config(dict(config), **fixed)
+    config = dict(config)
+    # a pipeline's config that does not say otherwise is a latent model's: latents are not confined to [-1, 1],
+    # so they must not be clipped (DDIM's default would clip them)
+    config.setdefault("clip_sample", False)
+    return cls.from_config(config, **fixed)
 
 
 def rollout_length(sampler, num_steps: int, config=None) -> int:
@@ -204,6 +208,12 @@ def _step_kwargs(sched, eta, generator):
     kwargs = {"generator": generator} if "generator" in accepted else {}
     if "eta" in accepted:
         kwargs["eta"] = float(eta)
+    if "use_clipped_model_output" in accepted and sched.config.get("clip_sample", False):
+        # DDIM clips the predicted x0 (pixel models) but by default keeps the unclipped epsilon for the direction
+        # to x_{t-1}; under guidance the two disagree at every step and samples degrade as steps grow (measured on
+        # fmnist-unet, CFG 2: class accuracy 0.90 at 10 steps, 0.33 at 100). Recomputing epsilon from the clipped x0
+        # keeps the update consistent.
+        kwargs["use_clipped_model_output"] = True
     return kwargs
 
 

@@ -119,7 +119,8 @@ def test_guidance_scale_one_is_the_conditional_rollout(models):
     with torch.no_grad():
         for t in sched.timesteps:
             eps = model(x, t.expand(2), class_labels=labels).sample
-            x = sched.step(eps, t, x).prev_sample
+            # epsilon consistent with the clipped x0 (see sampling._step_kwargs)
+            x = sched.step(eps, t, x, use_clipped_model_output=True).prev_sample
     assert torch.equal(guided, x.clamp(-1, 1))
 
 
@@ -134,7 +135,7 @@ def test_cfg_combines_uncond_and_cond_in_that_order(models):
         for t in sched.timesteps:
             eps_c = model(x, t, encoder_hidden_states=kw["cond"]["encoder_hidden_states"]).sample
             eps_u = model(x, t, encoder_hidden_states=kw["uncond"]["encoder_hidden_states"]).sample
-            x = sched.step(eps_u + 3.0 * (eps_c - eps_u), t, x).prev_sample
+            x = sched.step(eps_u + 3.0 * (eps_c - eps_u), t, x, use_clipped_model_output=True).prev_sample
     torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-5)
 
 
@@ -283,3 +284,26 @@ def test_text_models_need_cond_and_uncond(models):
         sampling.sample(model, 2, labels=torch.tensor([0]))
     with pytest.raises(DiffpruneError, match="unknown sampler"):
         sampling.rollout_length("k-euler", 10)
+
+
+def test_ddim_with_clipping_uses_the_clipped_epsilon(monkeypatch):
+    """Regression: with clip_sample (pixel models) DDIM must derive epsilon from the clipped x0; without it,
+    guided samples degrade as the step count grows."""
+    import diffusers
+
+    from diffprune.sampling import make_scheduler, sample
+    from diffprune.zoo import build
+    import functools
+    seen = []
+    orig = diffusers.DDIMScheduler.step
+
+    @functools.wraps(orig)  # keeps the signature the sampler inspects
+    def spy(self, *a, **k):
+        seen.append(k.get("use_clipped_model_output"))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(diffusers.DDIMScheduler, "step", spy)
+    model = build("tiny-unet")
+    assert make_scheduler("ddim").config.clip_sample
+    sample(model, 3, "ddim", labels=torch.tensor([1]), guidance_scale=2.0)
+    assert seen == [True, True, True]
