@@ -1,0 +1,33 @@
+"""diffprune: structural (Diff-Pruning) and temporal (DiP-GO) pruning of diffusers models.
+
+The public API, imported lazily so that `import diffprune` stays cheap:
+
+    load_model(path_or_zoo_name)            a denoiser, pipeline or pruned model (nothing is downloaded)
+    build_graph(model, granularity)         units, data flow, per-unit MACs (the one model description)
+    sample(model, num_steps, sampler, ...)  one sampling loop for every family and scheduler
+    prune(model, ratio, criterion, ...)     structural pruning; save_pruned(model, dir) to store it
+    train_diffusion(model, images, ...)     training and fine-tuning (TrainConfig.finetune() = paper recipe)
+    search_schedule(model, method, ...)     a block-skipping schedule (dipgo, deepcache, steps, ...)
+    apply_schedule(model_or_pipe, sched)    run under a schedule (context manager; hooks removed on exit)
+    evaluate(model, ...)                    MACs, FD-FMNIST, class accuracy, SSIM/PSNR to a reference
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "diffprune.zoo", "build_graph": "diffprune.models", "sample": "diffprune.sampling",
+    "prune": "diffprune.structural", "save_pruned": "diffprune.structural", "load_pruned": "diffprune.structural",
+    "train_diffusion": "diffprune.train", "TrainConfig": "diffprune.train",
+    "search_schedule": "diffprune.schedule", "apply_schedule": "diffprune.schedule", "Schedule": "diffprune.schedule",
+    "evaluate": "diffprune.evaluate", "DiffpruneError": "diffprune.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'diffprune' has no attribute {name!r}")

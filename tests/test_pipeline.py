@@ -7,15 +7,6 @@ from diffprune.errors import DiffpruneError
 from diffprune.zoo.pipelines import save_tiny_sd_pipeline, tiny_sd_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: thread start-up costs more than it saves, and a busy 2-core machine makes it far worse
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_sd_pipeline(seed=0)

@@ -9,15 +9,6 @@ from diffprune.models import get_adapter
 FAMILIES = ("tiny-unet", "tiny-sd", "tiny-sdxl", "tiny-dit", "tiny-pixart")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: thread start-up costs more than it saves, and a busy 2-core machine makes it far worse
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models():
     return {name: zoo.build(name, weights=False) for name in FAMILIES}

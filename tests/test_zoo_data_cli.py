@@ -107,3 +107,11 @@ def test_cli_info_real_size_macs():
     r = run_cli("info", "sd15")
     assert r.returncode == 0, r.stderr
     assert "MACs: 338.8316 G per call" in r.stdout
+
+
+def test_public_api_resolves():
+    import diffprune
+    for name in diffprune.__all__:
+        assert getattr(diffprune, name) is not None
+    with pytest.raises(AttributeError):
+        diffprune.nothing_here
