@@ -45,6 +45,7 @@ from diffprune import zoo  # noqa: E402
 from diffprune.metrics import latency  # noqa: E402
 from diffprune.models import build_graph  # noqa: E402
 from diffprune.sampling import rollout_length  # noqa: E402
+from diffprune.errors import DiffpruneError  # noqa: E402
 from diffprune.schedule import Schedule, baselines  # noqa: E402
 from diffprune.util import atomic_write_text  # noqa: E402
 
@@ -68,8 +69,16 @@ def make_schedules(graph, model, sampler: str, steps: int, n_calls: int) -> dict
         return Schedule.from_table(graph, table, sampler=sampler, num_steps=steps, model=model, meta=meta)
     return {"dense": None,
             "keep-all": Schedule.keep_all(graph, steps, sampler=sampler, model=model, n_calls=n_calls),
-            "0.6": make(baselines.deepcache_table(graph, n_calls, ratio=0.6), "deepcache", 0.6),
+            "0.6": make(_deepcache_near(graph, n_calls, 0.6), "deepcache", 0.6),
             "0.8": make(baselines.step_reuse_table(graph, n_calls, 0.8), "step-reuse", 0.8)}
+
+
+def _deepcache_near(graph, n_calls, ratio):
+    """DeepCache closest to `ratio`, or its most aggressive schedule where the model caps it lower (tiny models)."""
+    try:
+        return baselines.deepcache_table(graph, n_calls, ratio=ratio)
+    except DiffpruneError:
+        return baselines.deepcache_table(graph, n_calls, interval=n_calls)
 
 
 # ----- the run ---------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_deepcache_tables(sd):
     live = Schedule.from_table(graph, table, sampler="ddim", num_steps=10, model=model).live_table(graph)
     assert (live[1] == [True, False, False, False, True]).all()  # the shallow branch really runs
     assert (baselines.deepcache_table(graph, 10, interval=3, depth=2)[1] == [1, 1, 0, 1, 1]).all()
-    for ratio in (0.3, 0.5):
+    for ratio in (0.3, 0.45):  # below the tiny model's DeepCache cap (0.48 with one full step)
         t = baselines.deepcache_table(graph, 20, ratio=ratio)
         best = min(abs(pruned_ratio(baselines.deepcache_table(graph, 20, interval=n), graph) - ratio)
                    for n in range(1, 21))
@@ -206,3 +206,15 @@ def test_keep_all_schedule_runs_with_the_pipeline_helpers(unet):
     with apply_schedule(model, Schedule.keep_all(graph, 3, model=model), graph=graph):
         out = sampling.sample(model, 3, labels=torch.tensor([0]))
     assert torch.equal(out, sampling.sample(model, 3, labels=torch.tensor([0])))
+
+
+def test_deepcache_refuses_a_ratio_it_cannot_reach():
+    from diffprune.errors import DiffpruneError
+    from diffprune.models import build_graph
+    from diffprune.schedule.baselines import deepcache_table, pruned_ratio
+    from diffprune.zoo import build
+    graph = build_graph(build("tiny-sd"))
+    cap = pruned_ratio(deepcache_table(graph, 20, interval=20), graph)  # one full step: DeepCache's limit
+    with pytest.raises(DiffpruneError, match="cannot reach"):
+        deepcache_table(graph, 20, ratio=min(0.99, cap + 0.05))
+    assert abs(pruned_ratio(deepcache_table(graph, 20, ratio=cap), graph) - cap) < 1e-9

@@ -98,10 +98,24 @@ def deepcache_table(graph: UnitGraph, n_calls: int, *, interval: int | None = No
         raise DiffpruneError("DeepCache needs an interval or a target ratio")
     elif not non_uniform:
         tables = [table_with_full_steps(n_calls, uniform_full_steps(n_calls, n), row) for n in range(1, n_calls + 1)]
-        return min(tables, key=lambda t: abs(pruned_ratio(t, graph) - ratio))
+        return _reached(min(tables, key=lambda t: abs(pruned_ratio(t, graph) - ratio)), graph, ratio, depth)
     else:
         n_full = best_full_count(graph, n_calls, row, ratio)
-    return table_with_full_steps(n_calls, nonuniform_full_steps(n_calls, n_full, center, power), row)
+    table = table_with_full_steps(n_calls, nonuniform_full_steps(n_calls, n_full, center, power), row)
+    return table if interval is not None else _reached(table, graph, ratio, depth)
+
+
+def _reached(table: np.ndarray, graph: UnitGraph, ratio: float, depth: int, tolerance: float = 0.0125) -> np.ndarray:
+    """Refuse a DeepCache target beyond its reach: the shallow branch runs at every step, which caps the pruned
+    ratio (a silent 'closest' schedule far below the target would be compared at the wrong MACs). Below the cap the
+    closest interval is returned: intervals are discrete, so it can miss the target by a little."""
+    cap_table = table_with_full_steps(len(table), [0], deepcache_row(graph, depth))
+    cap = pruned_ratio(cap_table, graph)
+    if ratio > cap + tolerance:
+        raise DiffpruneError(f"DeepCache (depth {depth}) cannot reach a pruned ratio of {ratio:.3f} on this model: "
+                             f"even with one full step it prunes {cap:.3f}. Choose a ratio up to {cap:.2f}, "
+                             f"another depth, or another method")
+    return table
 
 
 # ----- whole-step reuse and fewer steps -------------------------------------------------------------------------
