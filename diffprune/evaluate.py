@@ -40,7 +40,7 @@ def generate_set(model, n: int, *, num_steps: int = 50, sampler: str = "ddim", g
     positive_int(n, "number of samples")
     positive_int(batch_size, "batch size")
     adapter = get_adapter(model)
-    conditional = adapter.conditioning == "class" and (adapter.family != "unet2d" or adapter.is_class_conditional(model))
+    conditional = adapter.is_class_conditional(model)
     if adapter.conditioning == "text":
         raise DiffpruneError("evaluating text-to-image models needs prompts; use the pipeline API "
                              "(sampling.generate) with a CLIP score, see README")

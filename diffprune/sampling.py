@@ -219,7 +219,7 @@ def _step_kwargs(sched, eta, generator):
 
 def _conditioning(adapter, model, labels, cond, uncond, guided, batch, noise, device, dtype):
     """(cond, uncond, batch size) with every tensor on the model's device and dtype, checked for agreement."""
-    class_cond = adapter.conditioning == "class" and getattr(adapter, "is_class_conditional", lambda m: True)(model)
+    class_cond = adapter.is_class_conditional(model)
     if labels is not None:
         if not class_cond:
             raise DiffpruneError(f"labels given, but this {adapter.family} model is not class-conditional")

@@ -471,7 +471,7 @@ def _check_data(model, adapter, images, labels, local_batch):
     if len(images) < local_batch:
         raise DiffpruneError(f"{len(images)} training images, fewer than one batch of {local_batch}; "
                              f"lower --batch-size or use more data")
-    class_cond = adapter.conditioning == "class" and getattr(adapter, "is_class_conditional", lambda m: True)(model)
+    class_cond = adapter.is_class_conditional(model)
     if not class_cond:
         return images.float(), None, None
     if labels is None:
@@ -856,7 +856,7 @@ def _write_grid(model, path: Path, config: TrainConfig, per_class: int = 10):
     adapter = get_adapter(model)
     was_training = model.training
     model.eval()
-    class_cond = adapter.conditioning == "class" and getattr(adapter, "is_class_conditional", lambda m: True)(model)
+    class_cond = adapter.is_class_conditional(model)
     if class_cond:
         n_cls = min(adapter.num_classes(model), 10)
         labels = torch.arange(n_cls).repeat_interleave(per_class)

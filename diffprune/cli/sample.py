@@ -52,7 +52,7 @@ def run(args):
             images = generate(obj, args.prompt, num_steps=args.steps, sampler=args.sampler,
                               guidance_scale=args.guidance_scale, seed=args.seed)
             ncol = len(args.prompt)
-        elif adapter.conditioning == "class" and (adapter.family != "unet2d" or adapter.is_class_conditional(model)):
+        elif adapter.is_class_conditional(model):
             k = adapter.num_classes(model)
             classes = list(range(k)) if not args.classes else [int(c) for c in args.classes.split(",")]
             bad = [c for c in classes if not 0 <= c < k]

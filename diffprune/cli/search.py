@@ -104,8 +104,7 @@ def run(args):
     graph = build_graph(model, args.granularity)
     if args.guidance_scale is None:
         adapter = get_adapter(model)
-        conditional = adapter.conditioning == "text" or (
-            adapter.conditioning == "class" and getattr(adapter, "is_class_conditional", lambda m: True)(model))
+        conditional = adapter.conditioning == "text" or adapter.is_class_conditional(model)
         args.guidance_scale = 2.0 if conditional else 1.0
     options = {}
     if args.method == "dipgo":

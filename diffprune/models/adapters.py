@@ -46,6 +46,10 @@ class Adapter:
         """Conditioning for the unconditional branch of classifier-free guidance."""
         return {}
 
+    def is_class_conditional(self, model) -> bool:
+        """Whether this model takes class labels (and has a null class for guidance)."""
+        return self.conditioning == "class"
+
     def example_condition(self, model, batch: int, generator=None, device=None) -> dict:
         return {}
 
@@ -109,7 +113,7 @@ class UNet2DAdapter(_UNetAdapter):
     """Pixel-space DDPM UNet (diffusers UNet2DModel), unconditional or class-conditional."""
     family = "unet2d"
     class_name = "UNet2DModel"
-    conditioning = "class"  # when num_class_embeds is set; see is_class_conditional
+    conditioning = "class"  # only when num_class_embeds is set: see is_class_conditional
 
     def is_class_conditional(self, model) -> bool:
         return model.config.num_class_embeds is not None

@@ -96,7 +96,7 @@ def _default_conditions(adapter, model, pipe, labels, prompts, guidance_scale):
                 cond, uncond = sampling.encode_prompts(pipe, pick)
             return {"cond": cond, "uncond": uncond}
         return from_prompts
-    if adapter.conditioning == "class" and getattr(adapter, "is_class_conditional", lambda m: True)(model):
+    if adapter.is_class_conditional(model):
         pool = torch.arange(adapter.num_classes(model)) if labels is None else torch.as_tensor(labels).flatten()
         if pool.numel() == 0:
             raise DiffpruneError("the label list is empty")
