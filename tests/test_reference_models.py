@@ -35,3 +35,13 @@ def test_sample_command_writes_a_grid(tmp_path):
     assert r.returncode == 2 and "positive integer" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("sample", "fmnist-unet", "--classes", "12", "--out", out)
     assert r.returncode == 2 and "out of range" in r.stderr
+
+
+def test_shipped_pruned_model_loads_by_name_and_is_smaller():
+    from diffprune.models import build_graph
+    pruned, dense = build("fmnist-unet-dp30"), build("fmnist-unet")
+    assert next(pruned.parameters()).dtype == torch.float32
+    assert sum(p.numel() for p in pruned.parameters()) == 3_875_253
+    assert build_graph(pruned).total_macs < 0.75 * build_graph(dense).total_macs
+    x = sample(pruned, 4, "ddim", labels=torch.tensor([1, 5]), guidance_scale=2.0)
+    assert x.shape == (2, 1, 32, 32) and torch.isfinite(x).all()

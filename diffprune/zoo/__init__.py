@@ -14,17 +14,26 @@ from .configs import CONFIGS
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
+# shipped models with no config of their own (pruned models: their widths live in the checkpoint's JSON)
+SHIPPED_ONLY = {
+    "fmnist-unet-dp30": "fmnist-unet pruned by Diff-Pruning (ratio 0.3, T=0.05), fine-tuned 1200 steps (shipped)",
+}
+
 
 def names() -> list[str]:
-    return sorted(CONFIGS)
+    return sorted([*CONFIGS, *SHIPPED_ONLY])
 
 
 def describe(name: str) -> str:
-    return CONFIGS[name]["about"]
+    return CONFIGS[name]["about"] if name in CONFIGS else SHIPPED_ONLY[name]
 
 
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, weights: bool = True) -> torch.nn.Module:
     """Build a zoo model: the shipped checkpoint when one exists (and weights=True), else random weights."""
+    if name in SHIPPED_ONLY:
+        if not weights:
+            raise DiffpruneError(f"{name} exists only as a shipped checkpoint; it has no random-weight build")
+        return load_model(CHECKPOINTS / name, dtype=dtype)
     if name not in CONFIGS:
         raise DiffpruneError(f"unknown model {name!r}; zoo models: {', '.join(names())}, or a local directory")
     ckpt = CHECKPOINTS / name
@@ -45,7 +54,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
     model. Nothing is ever downloaded."""
     p = Path(path)
     if not p.exists():
-        if str(path) in CONFIGS:
+        if str(path) in CONFIGS or str(path) in SHIPPED_ONLY:
             return build(str(path), dtype=dtype or torch.float32)
         raise DiffpruneError(f"{path}: no such directory, and not a zoo model ({', '.join(names())})")
     if not p.is_dir():
