@@ -115,3 +115,14 @@ def test_public_api_resolves():
         assert getattr(diffprune, name) is not None
     with pytest.raises(AttributeError):
         diffprune.nothing_here
+
+
+def test_weights_that_do_not_match_their_config_are_refused(tmp_path):
+    import json
+    build("tiny-unet").save_pretrained(tmp_path / "m", safe_serialization=True)
+    cfg_file = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["block_out_channels"] = [16, 48]
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(DiffpruneError, match="could not load the UNet2DModel weights.*expected shape"):
+        load_model(tmp_path / "m")
