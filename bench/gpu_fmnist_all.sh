@@ -8,8 +8,7 @@
 # Latency of the dense models (alone on the GPU) is a separate step: LATENCY=1 bash bench/gpu_fmnist_all.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 DATA=.data/fashion-mnist
+PY=python3 OMP_NUM_THREADS=2; . bench/gpu_env.sh   # DATA, carried wheels, PYTHONPATH
 OUT=${OUT:-bench/results}; R=runs/gpu; mkdir -p "$R"/{latency,structural,temporal,dense} "$OUT"
 DEADLINE=${DEADLINE:-540}
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }

@@ -34,18 +34,7 @@ N=${N:-1000}
 DEVICE=${DEVICE:-cuda}
 CALIB=${CALIB:-}
 EXTRA=${EXTRA:-}
-if [ -z "${DATA:-}" ]; then
-  DATA=/usr/share/datasets/fashion-mnist
-  [ -d "$DATA" ] || DATA=.data/fashion-mnist
-fi
-
-if ! "$PY" -c "import diffusers, torch_pruning" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "diffusers/torch-pruning missing and no wheels in .whl (see the header of this script)" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+. bench/gpu_env.sh   # DATA, carried wheels, PYTHONPATH
 mkdir -p "$OUT" "$RUNS"
 
 status=0

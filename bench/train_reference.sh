@@ -24,19 +24,7 @@ STEPS_UNET=${STEPS_UNET:-12000}
 STEPS_DIT=${STEPS_DIT:-20000}
 DEVICE=${DEVICE:-cuda}
 EXTRA=${EXTRA:-}
-if [ -z "${DATA:-}" ]; then
-  DATA=/usr/share/datasets/fashion-mnist
-  [ -d "$DATA" ] || DATA=.data/fashion-mnist
-fi
-
-# diffusers is not installed on the GPU machine: install the carried wheels
-if ! "$PY" -c "import diffusers" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "diffusers is missing and no wheels in .whl (see the header of this script)" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+. bench/gpu_env.sh   # DATA, carried wheels, PYTHONPATH
 mkdir -p "$OUT" "$RUNS"
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/summary.txt"
 
