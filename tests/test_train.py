@@ -233,9 +233,12 @@ def test_config_validation():
         TrainConfig(batch_size=-3).validate()
     with pytest.raises(DiffpruneError, match="--ema-decay"):
         TrainConfig(ema_decay=1.0).validate()
-    ft = TrainConfig.finetune()
+    ft = TrainConfig.finetune(steps=100_000).validate()
     assert (ft.optimizer, ft.lr, ft.betas, ft.eps, ft.weight_decay, ft.warmup, ft.grad_clip, ft.ema_decay,
             ft.ema_warmup, ft.antithetic) == ("adam", 2e-4, (0.9, 0.999), 1e-8, 0.0, 0, 1.0, 0.9999, False, True)
+    # the paper's 0.9999 averages over a tenth of its 100K steps; shorter runs keep that horizon, not the decay
+    assert TrainConfig.finetune(steps=1200).validate().ema_decay == pytest.approx(1 - 10 / 1200)
+    assert TrainConfig.finetune(steps=1200, ema_decay=0.9999).validate().ema_decay == 0.9999
 
 
 # ----- the command -----------------------------------------------------------------------------------------------
