@@ -42,7 +42,9 @@ def add_parser(sub):
     g.add_argument("--non-uniform", action="store_true", help="full steps denser mid-rollout")
     g = p.add_argument_group("DiP-GO")
     g.add_argument("--iterations", type=int, default=200, help="pruner training iterations (default 200)")
-    g.add_argument("--batch-size", type=int, default=1, help="samples per iteration (default 1)")
+    g.add_argument("--batch-size", type=int, default=1,
+                   help="samples per iteration (default 1); under `accelerate launch`, the global batch, split among "
+                        "the processes")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="default sgd")
     g.add_argument("--lr", type=float, help="learning rate (default 0.1 for sgd, 1e-3 for adamw)")
     g.add_argument("--alpha", type=float, default=1.0, help="sparsity loss weight (default 1)")
@@ -95,10 +97,16 @@ def run(args):
         except OSError as e:
             raise DiffpruneError(f"--prompts {args.prompts}: {e}") from None
 
+    from ..distributed import processes
     from ..models import build_graph, get_adapter
     from ..schedule import search_schedule
     from ..schedule.plot import schedule_heatmap
     from ..util import denoiser_of
+    # under `accelerate launch` every process runs this (DiP-GO trains data-parallel; the other methods simply
+    # repeat): made before the model is loaded so that "cuda" is each process's own GPU, and every process has
+    # checked --out before the main one writes it
+    procs = processes(args.device)
+    procs.wait_for_everyone()
     obj = load_for_sampling(args.model, args.device, args.dtype)
     model = denoiser_of(obj)
     graph = build_graph(model, args.granularity)
@@ -110,13 +118,17 @@ def run(args):
     if args.method == "dipgo":
         options = dict(iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        alpha=args.alpha, dim=args.dim, encoder=not args.no_encoder,
-                       checkpoint=not args.no_checkpoint, pruner=args.pruner, save_pruner=args.save_pruner,
+                       checkpoint=not args.no_checkpoint, pruner=args.pruner,
+                       save_pruner=args.save_pruner if procs.is_main_process else None,
                        state_path=args.state)
     sched = search_schedule(obj, args.method, ratio=args.ratio, steps=args.steps, sampler=args.sampler,
                             graph=graph, budget=args.budget, n_samples=args.samples,
                             guidance_scale=args.guidance_scale, seed=args.seed, labels=labels, prompts=prompts,
                             interval=args.interval, depth=args.depth, non_uniform=args.non_uniform, **options)
     sched.meta["model"] = args.model
+    if not procs.is_main_process:
+        procs.wait_for_everyone()  # returns once the main process has written the files
+        return 0
     image = schedule_heatmap(sched, graph)  # rendered before anything is written
     atomic_write_bytes(png, image)
     try:
@@ -134,4 +146,5 @@ def run(args):
         print(f"note: {m['collapse']['note']}")
     if m.get("method") == "steps":
         print(f"note: {m['note']}")
+    procs.wait_for_everyone()
     return 0

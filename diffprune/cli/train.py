@@ -61,6 +61,7 @@ def add_parser(sub):
 
 
 def run(args):
+    from ..distributed import processes
     from ..errors import DiffpruneError
     from ..train import (TrainConfig, TrainingInterrupted, has_checkpoint, saved_run, train_diffusion,
                          training_status)
@@ -79,7 +80,7 @@ def run(args):
         raise DiffpruneError(f"--out {out} is a file; give a directory")
     # under `accelerate launch` every process runs this: the main one alone touches the directory, the others
     # look at it after it has
-    procs = _processes(args.device)
+    procs = processes(args.device)
     if out.exists() and args.overwrite and procs.is_main_process:
         shutil.rmtree(out)
     procs.wait_for_everyone()
@@ -140,12 +141,6 @@ def run(args):
         print(f"diffprune train: {e}", file=sys.stderr)
         return 130
     return 0
-
-
-def _processes(device):
-    """accelerate's process state (one process unless started by `accelerate launch` / torchrun)."""
-    from accelerate import PartialState
-    return PartialState(cpu=True) if device == "cpu" else PartialState()
 
 
 def _command_line(args) -> str:

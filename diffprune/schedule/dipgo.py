@@ -46,10 +46,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..distributed import global_extent, local_share, mean_across_, processes
 from ..errors import DiffpruneError
 from ..models import UnitGraph, architecture_hash, build_graph
 from ..util import atomic_write_bytes, ratio as check_ratio
-from .rollouts import make_rollouts
+from .rollouts import batch_share, make_rollouts
 from .runtime import ScheduleRuntime
 from .schedule import Schedule, collapse_report
 
@@ -276,7 +277,13 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     `warmup` linear warm-up iterations; gradient norm clipped to grad_clip. The pruner is fp32 whatever the model's
     precision. checkpoint: recompute each denoiser call in the backward pass (activation checkpointing per step).
     state_path: a .safetensors file the pruner and optimizer state are saved to every checkpoint_every iterations
-    and at the end; if it exists, training resumes from it."""
+    and at the end; if it exists, training resumes from it.
+
+    Data parallel under `accelerate launch` / torchrun: batch_size is the global batch (it must divide by the
+    number of processes); every process draws the same global conditions and noise and runs its share of them,
+    the pruner's gradients are averaged before clipping and the step, so every process holds the same pruner and
+    history (the logged consistency is the global mean); the main process alone writes state_path and shows the
+    progress bar."""
     target = check_ratio(target, "target")
     if optimizer not in ("sgd", "adamw"):
         raise DiffpruneError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
@@ -287,9 +294,11 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     rollouts = make_rollouts(model_or_pipeline, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                              labels=labels, prompts=prompts, conditions=conditions)
     model = rollouts.model
+    device = next(model.parameters()).device
+    procs = processes(device)
+    share = local_share(batch_size, procs)
     graph = graph or build_graph(model, granularity)
     T, N = rollouts.n_calls, graph.n_units
-    device = next(model.parameters()).device
     pruner = (pruner or Pruner(T, N, dim=dim, hidden=hidden, encoder=encoder, seed=seed)).float().to(device)
     if (pruner.n_calls, pruner.n_units) != (T, N):
         raise DiffpruneError(f"the pruner is for {pruner.n_calls} calls x {pruner.n_units} units; this run has "
@@ -326,25 +335,32 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     frozen = [p.requires_grad for p in model.parameters()]
     was_training = model.training
     model.requires_grad_(False).eval()
-    bar = tqdm(range(start, iterations), desc="dipgo", disable=not progress, initial=start, total=iterations)
+    bar = tqdm(range(start, iterations), desc="dipgo", disable=not (progress and procs.is_main_process),
+               initial=start, total=iterations)
     try:
         with runtime:
             for it in bar:
                 rng = np.random.default_rng([seed, it])
                 cond = rollouts.conditions(rng, batch_size)
                 noise = rollouts.noise(batch_size, seed=int(rng.integers(0, 2 ** 62)))  # fresh noise every time
+                # the draws above are of the global batch (the same on every process); this process runs its share
+                cond, noise = batch_share(cond, batch_size, share), noise[share]
                 with runtime.paused(), torch.no_grad():
                     reference = rollouts.run(noise, cond)
                 gates = pruner.gates()
                 runtime.set_gates(gates)
                 images = rollouts.run(noise, cond, differentiable=True, checkpoint=checkpoint)
-                consistency = 1 - rollouts.similarity(images, reference)
+                consistency = 1 - rollouts.similarity(images, reference, extent=lambda r: global_extent(r, procs))
                 kept = graph.schedule_macs(runtime.keep) / dense_macs
                 sparsity = alpha * (gates[1:, :, 1] * gamma).sum(-1).mean()
                 sparse_on = kept > 1 - target  # drop the sparsity term once the hard schedule is cheap enough
                 loss = consistency + sparsity if sparse_on else consistency
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                # the mean of the shares' gradients is the global batch's; the consistency goes in the same reduce
+                consistency = consistency.detach()
+                mean_across_([*(p.grad for p in params if p.grad is not None), consistency], procs)
+                loss = consistency + sparsity if sparse_on else consistency  # the global batch's loss
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
                 lr_now = opt.param_groups[0]["lr"]
                 opt.step()
@@ -356,7 +372,9 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{kept:.3f}")
                 if state_path is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == iterations):
-                    _save_state(state_path, pruner, opt, config, it + 1, history)
+                    if procs.is_main_process:
+                        _save_state(state_path, pruner, opt, config, it + 1, history)
+                    procs.wait_for_everyone()  # nobody reads the file back before it is complete
     finally:
         for p, f in zip(model.parameters(), frozen):
             p.requires_grad_(f)

@@ -40,18 +40,20 @@ class Rollouts:
                 return sampling.decode_latents(self.pipeline, final)
         return final
 
-    def value_range(self, reference: torch.Tensor) -> tuple[float, float]:
+    def value_range(self, reference: torch.Tensor, extent: Callable | None = None) -> tuple[float, float]:
         """Pixel range SSIM reads the images in: [-1, 1] for pixel models, [0, 1] for decoded images; bare latent
-        models have no image, so their latents are compared over the reference's own range."""
+        models have no image, so their latents are compared over the reference's own range (extent(reference) ->
+        (min, max): over the whole batch when this is one process's share of it)."""
         if self.pipeline is not None and getattr(self.pipeline, "vae", None) is not None:
             return (0.0, 1.0)
         if self.model.config.in_channels in (1, 3):
             return (-1.0, 1.0)
-        lo, hi = float(reference.min()), float(reference.max())
+        lo, hi = extent(reference) if extent is not None else (float(reference.min()), float(reference.max()))
         return (lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
 
-    def similarity(self, images: torch.Tensor, reference: torch.Tensor, reduction="mean") -> torch.Tensor:
-        return ssim(images, reference, value_range=self.value_range(reference), reduction=reduction)
+    def similarity(self, images: torch.Tensor, reference: torch.Tensor, reduction="mean",
+                   extent: Callable | None = None) -> torch.Tensor:
+        return ssim(images, reference, value_range=self.value_range(reference, extent), reduction=reduction)
 
 
 def make_rollouts(model_or_pipeline, *, sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 1.0,
@@ -113,6 +115,21 @@ def _default_conditions(adapter, model, pipe, labels, prompts, guidance_scale):
             return {"cond": cond, "uncond": uncond if guidance_scale > 1 else None}
         return random_text
     return lambda rng, batch: {"batch": batch}
+
+
+def batch_share(cond: dict, batch: int, share: slice) -> dict:
+    """The samples `share` of a batch's sample() kwargs: every tensor along a first axis of `batch` is cut (nested
+    dicts too), the "batch" count follows; anything else (a broadcast tensor, None) is left as it is."""
+    def cut(v):
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == batch:
+            return v[share]
+        return v
+    out = cut(cond)
+    if out.get("batch") == batch:
+        out["batch"] = len(range(batch)[share])
+    return out
 
 
 def seeded_rng(seed: int) -> np.random.Generator:
