@@ -3,6 +3,10 @@
 if [ -z "${DATA:-}" ]; then
   DATA=/usr/share/datasets/fashion-mnist
   [ -d "$DATA" ] || DATA=.data/fashion-mnist
+  [ -d "$DATA" ] || DATA=.carry/fashion-mnist   # bench/pack_carry.sh
+fi
+if ! "$PY" -c "import diffusers, torch_pruning" 2>/dev/null && [ -f .carry/site.tar.xz ]; then
+  mkdir -p /tmp/site && tar -xJf .carry/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if ! "$PY" -c "import diffusers, torch_pruning" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -46,8 +46,9 @@ def test_load_model_errors(tmp_path):
 
 
 def _write_idx(path, arr, magic_dims):
+    import lzma
     header = bytes([0, 0, 8, len(magic_dims)]) + b"".join(d.to_bytes(4, "big") for d in magic_dims)
-    with gzip.open(path, "wb") as f:
+    with (lzma.open if str(path).endswith(".xz") else gzip.open)(path, "wb") as f:
         f.write(header + bytes(arr))
 
 
@@ -71,6 +72,19 @@ def test_fashion_mnist_loader_on_a_synthetic_directory(tmp_path):
         load_fashion_mnist("train", tmp_path)
     with pytest.raises(DiffpruneError, match="does not exist.*dataset-fashion-mnist"):
         load_fashion_mnist("test", tmp_path / "nope")
+
+
+def test_fashion_mnist_loader_reads_xz(tmp_path):
+    # bench/pack_carry.sh re-compresses the training images as .xz to fit the GPU machine's upload limit
+    import numpy as np
+    imgs = (np.arange(2 * 28 * 28) % 256).astype(np.uint8)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.xz", imgs, [2, 28, 28])
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([3, 7], dtype=np.uint8), [2])
+    x, y = load_fashion_mnist("train", tmp_path)
+    assert y.tolist() == [3, 7] and x[1, 0, 2, 2].item() == pytest.approx((784 % 256) / 127.5 - 1)
+    (tmp_path / "train-images-idx3-ubyte.xz").write_bytes(b"not xz")
+    with pytest.raises(DiffpruneError, match="cannot read"):
+        load_fashion_mnist("train", tmp_path)
 
 
 @needs_fmnist

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Measured speedup of the Fashion-MNIST schedules (bench/results/temporal_fmnist) on a GPU: one DDIM-50 rollout
+at batch 1 with CFG 2, fp32, dense and under each schedule, with the denoiser captured as CUDA graphs (one per
+distinct step pattern) and eagerly; the speedup is dense rollout time / scheduled rollout time in the same mode,
+next to the MACs ideal. Writes OUT/schedule_speed_fmnist.{json,md} after every row.
+
+  python3 bench/schedule_speed_fmnist.py --device cuda       # GPU machine, carry .carry (bench/pack_carry.sh)
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffprune import zoo  # noqa: E402
+from diffprune.metrics.latency import time_rollout  # noqa: E402
+from diffprune.schedule import Schedule  # noqa: E402
+from diffprune.util import atomic_write_text  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent / "results" / "temporal_fmnist"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="fmnist-unet,fmnist-dit")
+    ap.add_argument("--methods", default="dipgo,deepcache,step-reuse")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--modes", default="graph,eager")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT", "bench/results")) / "schedule_speed_fmnist"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models.split(","):
+        model = zoo.load_model(name).to(args.device).float().eval()
+        files = sorted({Path(f).name: f for f in glob.glob(str(ROOT / "run*" / name / "schedules" / "*.json"))
+                        if Path(f).name.split("_")[0] in args.methods.split(",")}.items())
+        # `steps` schedules are made for fewer sampler steps: time those as dense rollouts of their own length
+        files = [(k, f) for k, f in files if Schedule.load(f).num_steps == 50]
+        for mode in args.modes.split(","):
+            runs = [("dense", None)] + [(Path(f).stem, Schedule.load(f)) for _, f in files]
+            dense_ms = None
+            for label, schedule in runs:
+                r = time_rollout(model, schedule, steps=50, sampler="ddim", batch=1, cfg=True, guidance_scale=2.0,
+                                 mode=mode, repeats=args.repeats, warmup=2)
+                dense_ms = dense_ms or r["median_ms"]
+                row = {"model": name, "mode": mode, "schedule": label, "median_ms": r["median_ms"],
+                       "speedup": dense_ms / r["median_ms"], "speedup_ideal": r.get("macs_ideal_speedup"),
+                       "patterns": r.get("patterns"), "gpu": r.get("gpu"), "torch": r.get("torch")}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                atomic_write_text(out / "schedule_speed_fmnist.json", json.dumps(rows, indent=1))
+                lines = ["| model | mode | schedule | rollout ms | measured speedup | MACs ideal | graphs |",
+                         "|---|---|---|---|---|---|---|"]
+                lines += [f"| {x['model']} | {x['mode']} | {x['schedule']} | {x['median_ms']:.1f} | {x['speedup']:.2f}x"
+                          f" | {x['speedup_ideal'] or 1:.2f}x | {x['patterns'] or '-'} |" for x in rows]
+                atomic_write_text(out / "schedule_speed_fmnist.md", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
