@@ -1,0 +1,603 @@
+"""`diffprune demo`: the whole story on the shipped fmnist-unet, every variant measured one way, in one report.
+
+Variants: the dense model; DiP-GO schedules at each ratio, thresholded from ONE pruner trained at the highest; the
+cheap baselines at the same MACs (DeepCache, fewer sampler steps); the Diff-Pruning model (PRUNED_MODEL); and that
+model under DiP-GO schedules from a second pruner trained on it, at the same total MACs as the others (its own
+ratio is higher, since its calls are already cheaper).
+
+Every variant goes through diffprune.evaluate with the same seed, sample count and batch size, so all start from
+the same noise and labels: FD-FMNIST and class accuracy from the shipped classifier, SSIM to the dense samples.
+MACs are per image (CFG doubling not counted, as the papers count them) with the cascade applied; latency is a
+measured rollout at batch 1 with CFG. The report is built in a temporary directory next to --out and moved into
+place only when complete (util.output_directory): an error or Ctrl-C leaves no half-written report.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DiffpruneError
+from .util import positive_int, ratio as check_ratio
+
+DENSE_MODEL = "fmnist-unet"
+# the structurally pruned, fine-tuned model the demo shows and composes with DiP-GO: a zoo name or a directory
+PRUNED_MODEL = "fmnist-unet-dp30"
+SAMPLER = "ddim"
+GUIDANCE = 2.0            # what the benchmarks use for the class-conditional models
+DEEPCACHE_DEPTH = 1
+BOOTSTRAP = 50            # resamples for the noise of FD and of paired differences
+
+
+@dataclasses.dataclass
+class DemoSettings:
+    """What the demo runs; the defaults are the CPU ones (default_settings picks per device)."""
+    device: str = "cpu"
+    n_samples: int = 50
+    steps: int = 20
+    ratios: tuple = (0.6, 0.8)
+    iterations: int = 10          # DiP-GO training iterations (each pruner)
+    dipgo_batch: int = 1          # DiP-GO samples per iteration
+    seed: int = 0
+    eval_batch: int = 20          # sampling batch: the same for every variant, so the noise is the same
+    latency_repeats: int = 3
+    curve_stride: int = 40        # the loss curve visits every curve_stride-th training timestep ...
+    curve_batch: int = 12         # ... on this many Fashion-MNIST training images
+    grid_columns: int = 10
+    quick: bool = False
+    steps_reason: str = ("DDIM 20 instead of 50 so that the default run fits in 10 minutes on a 2-core CPU, "
+                         "where 50 steps would take about 2.5 times as long")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ratios"] = list(self.ratios)
+        return d
+
+
+def default_settings(device: str, quick: bool = False) -> DemoSettings:
+    """Defaults sized for the device. On a 2-core CPU the whole default run, both DiP-GO pruners' training
+    included, takes about 6 minutes when the machine is otherwise idle (each report lists its stage times);
+    --quick is a CI-sized smoke run whose numbers mean nothing."""
+    if quick:
+        return DemoSettings(device=device, n_samples=10, steps=4, iterations=1, eval_batch=10, latency_repeats=1,
+                            curve_stride=200, curve_batch=4, quick=True,
+                            steps_reason="--quick: a smoke run; its numbers mean nothing")
+    if device.startswith("cuda"):
+        return DemoSettings(device=device, n_samples=1000, steps=50, iterations=30, dipgo_batch=4, eval_batch=250,
+                            latency_repeats=10, curve_stride=1, curve_batch=128, steps_reason="")
+    return DemoSettings(device=device)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DiffpruneError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
+        return device
+    if device != "cpu":
+        raise DiffpruneError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return device
+
+
+def check_settings(s: DemoSettings) -> DemoSettings:
+    positive_int(s.n_samples, "--n")
+    if s.n_samples < 2:
+        raise DiffpruneError(f"--n must be at least 2 (FD-FMNIST needs a covariance), got {s.n_samples}")
+    positive_int(s.steps, "--steps")
+    if s.steps < 3:
+        raise DiffpruneError(f"--steps must be at least 3 (a schedule needs steps to skip), got {s.steps}")
+    positive_int(s.iterations, "--iterations")
+    if not s.ratios:
+        raise DiffpruneError("--ratios needs at least one ratio, e.g. 0.6,0.8")
+    s.ratios = tuple(sorted({round(check_ratio(r, "each of --ratios"), 6) for r in s.ratios}))
+    return s
+
+
+def parse_ratios(text: str) -> tuple:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise DiffpruneError(f"--ratios must be comma-separated numbers such as 0.6,0.8, got {text!r}") from None
+
+
+def require_plotting(html: bool):
+    """Fail before any work when what the report needs is missing (markdown is optional: a small built-in
+    converter renders the HTML without it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise DiffpruneError("the demo report draws its figures with matplotlib, which is not installed: "
+                             "pip install 'diffprune[report]'") from None
+
+
+# ----- the run ------------------------------------------------------------------------------------------------
+
+class Stages:
+    """One line per stage on stderr with the elapsed time; each stage's duration is kept for the report."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.start = time.perf_counter()
+        self.total, self.enabled, self.index, self.times = total, enabled, 0, {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @contextlib.contextmanager
+    def __call__(self, key: str, description: str):
+        self.index += 1
+        if self.enabled:
+            m, s = divmod(int(self.elapsed()), 60)
+            print(f"[{m:2d}:{s:02d}] ({self.index}/{self.total}) {description}", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        yield
+        self.times[key] = round(time.perf_counter() - t, 2)
+
+
+def run_demo(out, settings: DemoSettings, *, force: bool = False, html: bool = False, progress: bool = True) -> dict:
+    """Run every variant and write the report directory `out`. Returns results (what results.json holds)."""
+    from .util import output_directory
+    settings = check_settings(settings)
+    require_plotting(html)
+    out = Path(out)
+    check_target(out, force)
+    with output_directory(out, overwrite=force) as tmp:
+        stages = Stages(total=10, enabled=progress)
+        results, artifacts = collect_results(settings, stages, progress)
+        with stages("report", "writing the report"):
+            write_report(tmp, results, artifacts, html=html, stages=stages)
+    if progress:
+        print(f"[done] {out}/report.md in {stages.elapsed():.0f} s", file=sys.stderr, flush=True)
+    return results
+
+
+def check_target(out: Path, force: bool):
+    """Refuse an existing --out unless --force, and even then anything that is not a demo report: --force
+    replaces the directory, and `--out . --force` must not wipe a working tree."""
+    if not out.exists():
+        return
+    if not force:
+        raise DiffpruneError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if not out.is_dir():
+        raise DiffpruneError(f"{out} exists and is not a directory; choose another --out")
+    if any(out.iterdir()) and not (out / "results.json").is_file():
+        raise DiffpruneError(f"{out} is not a demo report (no results.json in it); --force only replaces an earlier "
+                             f"report. Choose another --out or remove it yourself")
+
+
+def _loaded(name, device):
+    from .zoo import load_model
+    return load_model(name).to(device).eval()
+
+
+def collect_results(s: DemoSettings, stages: Stages, progress: bool = True):
+    """Every variant evaluated the same way. Returns (results dict for results.json, artifacts for the figures:
+    images, schedules and graphs)."""
+    from .evaluate import evaluate
+    from .models import build_graph
+    from .sampling import rollout_length
+
+    env = environment(s.device)
+    common = dict(sampler=SAMPLER, n_samples=s.n_samples, guidance_scale=GUIDANCE, seed=s.seed,
+                  batch_size=s.eval_batch, progress=progress)
+    variants: list[dict] = []
+    art = {"images": {}, "schedules": {}, "models": {}, "graphs": {}, "features": {}, "ssim": {}}
+
+    with stages("load", f"loading {DENSE_MODEL}, {PRUNED_MODEL} and the classifier"):
+        from .metrics import classifier
+        dense, pruned = _loaded(DENSE_MODEL, s.device), _loaded(PRUNED_MODEL, s.device)
+        classifier.load_classifier()  # fail early if the classifier files are missing
+        graphs = {"dense": build_graph(dense, "coarse"), "pruned": build_graph(pruned, "coarse")}
+        art["graphs"] = graphs
+        calls = rollout_length(SAMPLER, s.steps)
+        dense_macs = graphs["dense"].total_macs * calls
+        pruned_share = graphs["pruned"].total_macs / graphs["dense"].total_macs
+
+    def record(key, name, method, model_key, model, metrics, images, *, level=None, steps=s.steps, schedule=None,
+               **extra):
+        v = {"key": key, "name": name, "method": method, "model": DENSE_MODEL if model_key == "dense" else PRUNED_MODEL,
+             "level": level, "steps": steps, "available": True,
+             "gmacs": metrics["macs_total"] / 1e9, "macs_ratio": 1 - metrics["macs_total"] / dense_macs,
+             "macs_speedup": dense_macs / metrics["macs_total"], "params_m": metrics["params"] / 1e6,
+             "fd_fmnist": metrics.get("fd_fmnist"), "class_accuracy": metrics.get("class_accuracy"),
+             "ssim_to_dense": metrics.get("ssim_to_reference", 1.0),
+             "psnr_to_dense": metrics.get("psnr_to_reference"), "sampling_s": metrics["seconds"], **extra}
+        if schedule is not None:
+            v["schedule_ratio"] = schedule.pruned_ratio(graphs[model_key])
+        variants.append(v)
+        art["images"][key] = images
+        art["schedules"][key] = (schedule, model_key)
+        art["models"][key] = (model, model_key, steps, schedule)
+        return v
+
+    with stages("dense", f"dense baseline: {s.n_samples} samples, {SAMPLER.upper()} {s.steps}, CFG {GUIDANCE:g}"):
+        metrics, dense_images = evaluate(dense, num_steps=s.steps, **common)
+        record("dense", f"dense ({SAMPLER.upper()} {s.steps})", "dense", "dense", dense, metrics, dense_images)
+
+    def ev(model, **kw):
+        return evaluate(model, reference_images=dense_images, **common, **kw)
+
+    top = max(s.ratios)
+    with stages("dipgo", f"DiP-GO on {DENSE_MODEL}: one pruner trained at {top:g} ({s.iterations} iterations x "
+                f"{s.dipgo_batch}), schedules at {', '.join(f'{r:g}' for r in s.ratios)}"):
+        dipgo_dense = _train(dense, top, s, graphs["dense"], progress)
+        for r in s.ratios:
+            sched, note = _threshold(dipgo_dense["result"], r, graphs["dense"])
+            m, imgs = ev(dense, schedule=sched, num_steps=s.steps)
+            record(f"dipgo-{r:g}", f"DiP-GO {r:g}", "dipgo", "dense", dense, m, imgs, level=r, schedule=sched,
+                   note=note)
+
+    with stages("baselines", "baselines at the same MACs: DeepCache and fewer sampler steps"):
+        _baselines(dense, s, graphs["dense"], ev, record, variants)
+
+    with stages("pruned", f"Diff-Pruning: {PRUNED_MODEL}"):
+        m, imgs = ev(pruned, num_steps=s.steps)
+        record("pruned", "Diff-Pruning", "pruned", "pruned", pruned, m, imgs)
+
+    # the same total MACs as the dense variants at each level: (1 - r) of dense = share * (1 - r_pruned)
+    levels = {r: 1 - (1 - r) / pruned_share for r in s.ratios}
+    reachable = {r: rp for r, rp in levels.items() if rp > 0.01}
+    dipgo_pruned = None
+    with stages("composed", f"Diff-Pruning + DiP-GO: a second pruner trained on {PRUNED_MODEL}"
+                + (f" at {max(reachable.values()):.3f}, the same total MACs" if reachable else " (no ratio needs it)")):
+        if reachable:
+            dipgo_pruned = _train(pruned, max(reachable.values()), s, graphs["pruned"], progress)
+        for r in s.ratios:
+            key, name = f"pruned-dipgo-{r:g}", f"Diff-Pruning + DiP-GO {r:g}"
+            if r not in reachable:
+                variants.append(_unavailable(key, name, "pruned+dipgo", r, f"{PRUNED_MODEL} alone already prunes "
+                                                                          f"{1 - pruned_share:.3f} of the MACs"))
+                continue
+            sched, note = _threshold(dipgo_pruned["result"], reachable[r], graphs["pruned"])
+            note = note or (f"the second pruner's schedule at ratio {reachable[r]:.3f} of {PRUNED_MODEL}'s own MACs, "
+                            f"so that the total matches the other variants at this level")
+            m, imgs = ev(pruned, schedule=sched, num_steps=s.steps)
+            record(key, name, "pruned+dipgo", "pruned", pruned, m, imgs, level=r, schedule=sched, note=note)
+
+    with stages("latency", f"latency per rollout (batch 1, CFG), median of {s.latency_repeats}"):
+        _latencies(variants, art, s, graphs, progress)
+
+    with stages("noise", "noise of the quality numbers (paired bootstrap over the samples)"):
+        _noise(variants, art, s)
+        comparisons = _comparisons(variants, art, s)
+
+    with stages("curve", "Diff-Pruning loss-vs-timestep curve"):
+        curve = timestep_curve(dense, s)
+
+    results = {"format": "diffprune-demo", "version": 1, "settings": s.to_dict(), "environment": env,
+               "models": {"dense": DENSE_MODEL, "pruned": PRUNED_MODEL,
+                          "pruned_macs_share": pruned_share, "pruned_recipe": _pruned_meta().get("recipe")},
+               "sampler": SAMPLER, "guidance_scale": GUIDANCE, "calls": calls, "dense_gmacs": dense_macs / 1e9,
+               "variants": variants, "comparisons": comparisons,
+               "dipgo": {"dense": _training_summary(dipgo_dense),
+                         "pruned": _training_summary(dipgo_pruned) if dipgo_pruned else None},
+               "loss_curve": curve, "stage_seconds": stages.times}
+    art["dipgo"] = {"dense": dipgo_dense, "pruned": dipgo_pruned}
+    return results, art
+
+
+def environment(device: str) -> dict:
+    import torch
+    env = {"device": device, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+           "cpu_count": os.cpu_count()}
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    with contextlib.suppress(OSError, AttributeError):
+        env["load_average_start"] = round(os.getloadavg()[0], 2)
+    return env
+
+
+def _train(model, target, s: DemoSettings, graph, progress) -> dict:
+    from .schedule import train_pruner
+    t = time.perf_counter()
+    result = train_pruner(model, target=target, num_steps=s.steps, sampler=SAMPLER, graph=graph,
+                          iterations=s.iterations, batch_size=s.dipgo_batch, guidance_scale=GUIDANCE, seed=s.seed,
+                          progress=progress)
+    return {"result": result, "seconds": time.perf_counter() - t, "target": target}
+
+
+def _threshold(result, ratio, graph):
+    """DipGo.schedule(ratio), and a note when the ratio it reaches is not the one asked for (few steps)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said in the note instead
+        sched = result.schedule(ratio)
+    got = sched.pruned_ratio(graph)
+    note = None
+    if abs(got - ratio) >= 0.0125:
+        note = (f"its schedule prunes {got:.3f} of the MACs, not {ratio:.3f}: with {sched.n_calls} denoiser calls "
+                f"one (step, unit) decision moves the ratio by more than that")
+    return sched, note
+
+
+def _training_summary(d) -> dict:
+    r = d["result"]
+    hist = r.history
+    return {"target": d["target"], "seconds": round(d["seconds"], 1), "iterations": len(hist),
+            "config": r.config, "first": hist[0] if hist else None, "last": hist[-1] if hist else None}
+
+
+def _unavailable(key, name, method, level, note) -> dict:
+    return {"key": key, "name": name, "method": method, "level": level, "available": False, "note": note}
+
+
+def _baselines(dense, s: DemoSettings, graph, ev, record, variants):
+    from .schedule import Schedule, search_schedule
+    from .schedule.baselines import deepcache_row, fewer_steps_count, table_with_full_steps
+    from .sampling import rollout_length
+    calls = rollout_length(SAMPLER, s.steps)
+    # DeepCache's shallow branch runs at every step, which caps its ratio: one full step and the rest shallow
+    cap = Schedule.from_table(graph, table_with_full_steps(calls, [0], deepcache_row(graph, DEEPCACHE_DEPTH)),
+                              sampler=SAMPLER, num_steps=s.steps).pruned_ratio(graph)
+    reached = []
+    for r in s.ratios:
+        try:
+            sched = search_schedule(dense, "deepcache", ratio=r, steps=s.steps, sampler=SAMPLER, graph=graph,
+                                    depth=DEEPCACHE_DEPTH, progress=False)
+        except DiffpruneError:
+            variants.append(_unavailable(f"deepcache-{r:g}", f"DeepCache {r:g}", "deepcache", r,
+                                         f"prunes at most {cap:.3f} of the MACs of a {s.steps}-step rollout here "
+                                         f"(depth {DEEPCACHE_DEPTH}): its shallow branch runs at every step"))
+            continue
+        m, imgs = ev(dense, schedule=sched, num_steps=s.steps)
+        record(f"deepcache-{r:g}", f"DeepCache {r:g}", "deepcache", "dense", dense, m, imgs, level=r, schedule=sched,
+               note=sched.meta.get("ratio_note"))
+        reached.append(r)
+    if not reached:  # no asked ratio is reachable: show it at the most it can do, labelled as such
+        sched = search_schedule(dense, "deepcache", ratio=cap, steps=s.steps, sampler=SAMPLER, graph=graph,
+                                depth=DEEPCACHE_DEPTH, progress=False)
+        m, imgs = ev(dense, schedule=sched, num_steps=s.steps)
+        record(f"deepcache-cap", f"DeepCache {cap:.2f} (its cap)", "deepcache", "dense", dense, m, imgs,
+               schedule=sched, note="not at an asked ratio: the most DeepCache prunes here")
+    for r in s.ratios:
+        k = fewer_steps_count(SAMPLER, s.steps, r)
+        m, imgs = ev(dense, num_steps=k)
+        name = f"{SAMPLER.upper()} {k} step{'s' if k > 1 else ''}"
+        if sum(fewer_steps_count(SAMPLER, s.steps, q) == k for q in s.ratios) > 1:
+            name += f" ({r:g})"  # two ratios round to the same step count
+        record(f"steps-{r:g}", name, "steps", "dense", dense, m, imgs, level=r,
+               steps=k)
+
+
+def _latencies(variants, art, s: DemoSettings, graphs, progress):
+    """Median latency of one rollout per variant. The repeats go round-robin over the variants, so that a burst
+    of load from other processes slows them alike instead of skewing whichever variant it hits."""
+    from tqdm.auto import tqdm
+
+    from .metrics.latency import time_rollout
+    mode = "graph" if s.device.startswith("cuda") else "eager"
+    todo = [v for v in variants if v["available"]]
+    times = {v["key"]: [] for v in todo}
+    with tqdm(total=s.latency_repeats * len(todo), desc="latency", disable=not progress, leave=False) as bar:
+        for rep in range(s.latency_repeats):
+            for v in todo:
+                model, model_key, steps, schedule = art["models"][v["key"]]
+                r = time_rollout(model, schedule, steps=steps, sampler=SAMPLER, batch=1, cfg=True,
+                                 guidance_scale=GUIDANCE, mode=mode, repeats=1, warmup=1 if rep == 0 else 0,
+                                 seed=s.seed, graph=graphs[model_key] if schedule is not None else None, strict=False)
+                times[v["key"]].append(r["median_ms"])
+                bar.update()
+    for v in todo:
+        t = np.asarray(times[v["key"]])
+        v.update(latency_ms=float(np.median(t)), latency_min_ms=float(t.min()), latency_max_ms=float(t.max()),
+                 latency_mode=mode)
+    dense_ms = next(v["latency_ms"] for v in variants if v["key"] == "dense")
+    for v in todo:
+        v["measured_speedup"] = dense_ms / v["latency_ms"]
+
+
+# ----- noise of the quality numbers ----------------------------------------------------------------------------
+
+def _noise(variants, art, s: DemoSettings):
+    """FD-FMNIST's bootstrap s.d. and SSIM's standard error over the samples, per variant."""
+    from .metrics import classifier, quality
+    ref = classifier.reference_statistics()
+    dense = art["images"]["dense"]
+    rng = np.random.default_rng(s.seed)
+    art["resamples"] = [rng.integers(0, s.n_samples, s.n_samples) for _ in range(BOOTSTRAP)]
+    for v in variants:
+        if not v["available"]:
+            continue
+        imgs = art["images"][v["key"]]
+        feats = classifier.features(imgs).double().numpy()
+        art["features"][v["key"]] = feats
+        per = quality.ssim(imgs, dense, reduction="none").double().numpy()
+        art["ssim"][v["key"]] = per
+        v["ssim_se"] = float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else 0.0
+        boots = [_fd(feats[idx], ref) for idx in art["resamples"]]
+        v["fd_sd"] = float(np.std(boots, ddof=1))
+    art["reference_stats"] = ref
+
+
+def _fd(feats, ref) -> float:
+    from .metrics.quality import frechet_distance
+    return frechet_distance(feats, ref)
+
+
+def _comparisons(variants, art, s: DemoSettings) -> list[dict]:
+    """Paired differences between the variants at each matched MACs level (same noise and labels, so the same
+    resample of sample indices is applied to both): FD and SSIM differences with their bootstrap s.d."""
+    ref = art["reference_stats"]
+    out = []
+    groups = {}
+    for v in variants:
+        if v["available"] and v.get("level") is not None:
+            groups.setdefault(v["level"], []).append(v)
+    pairs = [(level, a, b) for level, group in groups.items() for i, a in enumerate(group) for b in group[i + 1:]]
+    by_key = {v["key"]: v for v in variants if v["available"]}
+    # across levels: structural pruning against dense, and what a schedule costs the pruned model
+    pairs += [(None, by_key["pruned"], v) for v in variants if v["available"] and v["method"] in ("dense", "pruned+dipgo")]
+    for level, a, b in pairs:
+        fa, fb = art["features"][a["key"]], art["features"][b["key"]]
+        fd_diffs = [_fd(fa[idx], ref) - _fd(fb[idx], ref) for idx in art["resamples"]]
+        d_ssim = art["ssim"][a["key"]] - art["ssim"][b["key"]]
+        out.append({"level": level, "a": a["key"], "b": b["key"],
+                    "fd_diff": a["fd_fmnist"] - b["fd_fmnist"], "fd_diff_sd": float(np.std(fd_diffs, ddof=1)),
+                    "ssim_diff": a["ssim_to_dense"] - b["ssim_to_dense"],
+                    "ssim_diff_se": float(d_ssim.std(ddof=1) / np.sqrt(len(d_ssim)))})
+    return out
+
+
+# ----- Diff-Pruning's timestep selection -----------------------------------------------------------------------
+
+def _pruned_meta() -> dict:
+    """The meta block the pruned artifact records (diffprune_pruned.json), {} if it records none."""
+    from .zoo import CHECKPOINTS
+    d = Path(PRUNED_MODEL) if Path(PRUNED_MODEL).is_dir() else CHECKPOINTS / PRUNED_MODEL
+    try:
+        return json.loads((d / "diffprune_pruned.json").read_text()).get("meta") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def pruned_threshold(meta: dict) -> tuple[float, str]:
+    """Diff-Pruning's T for the pruned artifact: recorded, or read off its recipe, else the paper's 0.05."""
+    if isinstance(meta.get("timesteps"), dict) and "threshold" in meta["timesteps"]:
+        return float(meta["timesteps"]["threshold"]), "recorded in the artifact"
+    found = re.search(r"--threshold\s+([0-9.]+)", str(meta.get("recipe", "")))
+    if found:
+        return float(found.group(1)), "from the artifact's recipe"
+    return 0.05, "not recorded in the artifact; the Diff-Pruning default"
+
+
+def timestep_curve(model, s: DemoSettings) -> dict:
+    """L_t against t for Diff-Pruning's timestep selection on the dense model (the model it prunes), with the
+    threshold T * running max. The artifact's own curve when it records one (meta.timesteps, a TimestepReport);
+    otherwise computed here on a reduced set of timesteps and images, forward only, and said so."""
+    import torch
+
+    from .structural.timesteps import alphas_cumprod_for, should_stop
+    meta = _pruned_meta()
+    threshold, threshold_source = pruned_threshold(meta)
+    recorded = meta.get("timesteps")
+    if isinstance(recorded, dict) and recorded.get("losses"):
+        losses = [float(x) for x in recorded["losses"]]
+        return {"source": "recorded in the pruned artifact", "timesteps": list(range(len(losses))),
+                "losses": losses, "threshold": threshold, "threshold_source": threshold_source,
+                "stop_t": recorded.get("stop_t"), "stop_after": None,
+                "num_train_timesteps": recorded.get("num_train_timesteps", 1000)}
+    from .structural.calibration import fashion_mnist_batch
+    try:
+        batch = fashion_mnist_batch(model, s.curve_batch, seed=s.seed)
+    except DiffpruneError as e:
+        return {"skipped": f"not computed: {e}", "threshold": threshold, "threshold_source": threshold_source}
+    from .models import get_adapter
+    adapter = get_adapter(model)
+    p = next(model.parameters())
+    acp = alphas_cumprod_for(model).to(p.device)
+    ts = list(range(0, len(acp), s.curve_stride))
+    x0 = batch.images.to(p.device, p.dtype)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(s.seed)).to(p.device, p.dtype)
+    labels = batch.cond.get("class_labels")
+    per_call = max(1, 256 // len(x0))  # several timesteps per forward: bigger batches run faster
+    losses = []
+    with torch.inference_mode():
+        for i in range(0, len(ts), per_call):
+            chunk = ts[i:i + per_call]
+            a = acp[torch.tensor(chunk, device=p.device)].repeat_interleave(len(x0)).view(-1, 1, 1, 1)
+            x = torch.cat([x0] * len(chunk)), torch.cat([noise] * len(chunk))
+            x_t = (a.sqrt() * x[0] + (1 - a).sqrt() * x[1]).to(p.dtype)
+            tt = torch.tensor(chunk, device=p.device).repeat_interleave(len(x0))
+            cond = {"class_labels": torch.cat([labels] * len(chunk)).to(p.device)} if labels is not None else {}
+            pred = adapter.predict_noise(model, x_t, tt, cond).float()
+            err = ((pred - x[1].float()) ** 2).flatten(1).mean(1).view(len(chunk), len(x0)).mean(1)
+            losses += [float(e) for e in err]
+    stop_t, stop_after, running = None, None, -np.inf
+    for k, (t, loss) in enumerate(zip(ts, losses)):
+        running = max(running, loss)
+        if should_stop(loss, running, threshold):
+            stop_t, stop_after = t, ts[k - 1] if k else None
+            break
+    return {"source": f"computed here on the dense model: every {s.curve_stride}th of the {len(acp)} training "
+                      f"timesteps, {len(x0)} Fashion-MNIST training images, one fixed noise, forward only",
+            "timesteps": ts, "losses": losses, "threshold": threshold, "threshold_source": threshold_source,
+            "stop_t": stop_t, "stop_after": stop_after, "num_train_timesteps": len(acp)}
+
+
+# ----- writing -------------------------------------------------------------------------------------------------
+
+def write_report(tmp: Path, results: dict, art: dict, *, html: bool = False, stages: Stages | None = None):
+    """Figures, report.md, results.json (and report.html) into the directory being built."""
+    from . import demo_report as rep
+    from .schedule.plot import schedule_heatmap
+    files = {}
+    variants = [v for v in results["variants"] if v["available"]]
+    cols = min(results["settings"]["grid_columns"], results["settings"]["n_samples"])
+    rows = [(v["name"], rep.grid_caption(v), art["images"][v["key"]][:cols]) for v in variants]
+    (tmp / "samples.png").write_bytes(rep.sample_grid_png(rows, column_labels=_class_names(cols)))
+    files["samples"] = "samples.png"
+    (tmp / "tradeoff.png").write_bytes(rep.tradeoff_png(results))
+    files["tradeoff"] = "tradeoff.png"
+    heat = tmp / "heatmaps"
+    heat.mkdir()
+    files["heatmaps"] = {}
+    for v in variants:
+        sched, model_key = art["schedules"][v["key"]]
+        if sched is None:
+            continue
+        name = f"heatmaps/{v['key']}.png"
+        title = f"{v['name']} on {v['model']}: {v['macs_speedup']:.2f}x fewer MACs than dense"
+        (tmp / name).write_bytes(schedule_heatmap(sched, art["graphs"][model_key], title=title))
+        files["heatmaps"][v["key"]] = name
+    curve = results["loss_curve"]
+    if "losses" in curve:
+        (tmp / "timestep_loss.png").write_bytes(rep.loss_curve_png(curve, DENSE_MODEL, PRUNED_MODEL))
+        files["timestep_loss"] = "timestep_loss.png"
+    sched_dir = tmp / "schedules"
+    sched_dir.mkdir()
+    for v in variants:
+        sched, _ = art["schedules"][v["key"]]
+        if sched is not None:
+            sched.save(sched_dir / f"{v['key']}.json")
+    files["schedules"] = "schedules/"
+    results["files"] = files
+    results["environment"]["load_average_end"] = _load()
+    results["wall_seconds"] = round(stages.elapsed(), 1) if stages is not None else None
+    results["reading"] = rep.reading(results)
+    text = rep.markdown(results)
+    (tmp / "report.md").write_text(text)
+    (tmp / "results.json").write_text(json.dumps(results, indent=1, default=_plain))
+    if html:
+        (tmp / "report.html").write_text(rep.to_html(text, tmp))
+    _readable(tmp)
+
+
+def _readable(root: Path):
+    """The usual permissions (umask applied): the temporary directory and atomic writes start private (0700/0600),
+    which a report meant to be shared or served should not keep."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _load():
+    with contextlib.suppress(OSError, AttributeError):
+        return round(os.getloadavg()[0], 2)
+    return None
+
+
+def _class_names(n):
+    from .data.fashion_mnist import CLASSES
+    return [CLASSES[i % len(CLASSES)] for i in range(n)]
+
+
+def _plain(obj):
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+__all__ = ["DemoSettings", "default_settings", "run_demo", "PRUNED_MODEL", "DENSE_MODEL"]

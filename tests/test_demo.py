@@ -1,0 +1,141 @@
+"""`diffprune demo`: a --quick run of the real command writes a complete report whose table agrees with
+results.json; an existing directory is refused; a failure or Ctrl-C leaves nothing half-written."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, needs_fmnist
+from diffprune import demo
+from diffprune.cli import main
+from diffprune.demo_report import NOT_AVAILABLE, TABLE_COLUMNS, simple_markdown, to_html
+from diffprune.errors import DiffpruneError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _table(report_md: str) -> list[list[str]]:
+    lines = report_md.split("## Results", 1)[1].strip().splitlines()
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+@needs_fmnist
+def test_quick_run_writes_a_complete_report_that_agrees_with_results_json(tmp_path):
+    out = tmp_path / "report"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the suite runs two workers on two cores
+    r = subprocess.run([sys.executable, "-m", "diffprune", "demo", "--quick", "--device", "cpu", "--html",
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "(10/10) writing the report" in r.stderr  # progress, one line per stage
+    results = json.loads((out / "results.json").read_text())
+
+    for name in ("report.md", "report.html", "results.json", "samples.png", "tradeoff.png", "timestep_loss.png"):
+        assert (out / name).is_file(), name
+    heatmaps = sorted((out / "heatmaps").glob("*.png"))
+    assert len(heatmaps) == len(results["files"]["heatmaps"]) >= 4  # two DiP-GO, two composed, DeepCache
+    for png in [out / "samples.png", out / "tradeoff.png", out / "timestep_loss.png", *heatmaps]:
+        data = png.read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, png
+    assert len(list((out / "schedules").glob("*.json"))) == len(heatmaps)
+    md = (out / "report.md").read_text()
+    for ref in ["samples.png", "tradeoff.png", "timestep_loss.png", *results["files"]["heatmaps"].values()]:
+        assert f"]({ref})" in md
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and html.count("data:image/png;base64,") == 3 + len(heatmaps)
+    assert not list(out.parent.glob(".report.partial.*"))
+    assert results["reading"] and all(line in md for line in results["reading"])
+
+    # the table: every variant, and exactly the numbers results.json holds
+    rows = _table(md)
+    assert rows[0] == [h for _, h, _ in TABLE_COLUMNS]
+    body = rows[2:]
+    assert [r[0] for r in body] == [v["name"] for v in results["variants"]]
+    methods = {v["method"] for v in results["variants"]}
+    assert methods == {"dense", "dipgo", "deepcache", "steps", "pruned", "pruned+dipgo"}
+    for ratio in results["settings"]["ratios"]:
+        for method in ("dipgo", "steps", "pruned+dipgo", "deepcache"):
+            assert any(v["method"] == method and v.get("level") == ratio for v in results["variants"]), (method, ratio)
+    for row, v in zip(body, results["variants"]):
+        if v["available"]:
+            assert row == [fmt.format(v[key]) for key, _, fmt in TABLE_COLUMNS], v["name"]
+        else:  # at 4 steps DeepCache reaches neither ratio: reported, not crashed
+            assert row[1] == NOT_AVAILABLE and v["method"] == "deepcache"
+    dense = next(v for v in results["variants"] if v["key"] == "dense")
+    assert dense["macs_speedup"] == 1 and dense["ssim_to_dense"] == 1
+    assert results["dense_gmacs"] == pytest.approx(dense["gmacs"])
+
+
+def test_existing_directory_is_refused_without_force(tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    assert main(["demo", "--quick", "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--force" in err and "Traceback" not in err
+    assert os.listdir(out) == ["results.json"]
+    # --force replaces only an earlier report, never an arbitrary directory (think `--out . --force`)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "code.py").write_text("x = 1")
+    with pytest.raises(DiffpruneError, match="not a demo report"):
+        demo.check_target(tmp_path / "src", force=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratios", "0.6,1.2"], "between 0 and 1"),
+    (["--ratios", "0.6,x"], "comma-separated"),
+    (["--n", "1"], "at least 2"),
+    (["--steps", "0"], "positive integer"),
+    (["--device", "tpu"], "unknown device"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, message):
+    assert main(["demo", "--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_a_failure_leaves_no_partial_report(tmp_path, monkeypatch, error):
+    settings = demo.default_settings("cpu", quick=True)
+
+    def half_written(tmp, results, art, **kw):
+        (tmp / "report.md").write_text("half")
+        raise error("interrupted while writing")
+
+    monkeypatch.setattr(demo, "collect_results", lambda *a, **k: ({}, {}))
+    monkeypatch.setattr(demo, "write_report", half_written)
+    with pytest.raises(error):
+        demo.run_demo(tmp_path / "r", settings, progress=False)
+    assert os.listdir(tmp_path) == []
+    # over an earlier report with --force: the earlier one survives the failure untouched
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "results.json").write_text('{"earlier": true}')
+    with pytest.raises(error):
+        demo.run_demo(old, settings, force=True, progress=False)
+    assert os.listdir(tmp_path) == ["old"] and os.listdir(old) == ["results.json"]
+    assert (old / "results.json").read_text() == '{"earlier": true}'
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    with pytest.raises(DiffpruneError, match=r"diffprune\[report\]"):
+        demo.require_plotting(html=False)
+
+
+def test_built_in_markdown_converter(tmp_path):
+    text = "# Title\n\nSome **bold** and `code`.\n\n- one\n- two\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![plot](p.png)\n"
+    html = simple_markdown(text)
+    assert "<h1>Title</h1>" in html and "<strong>bold</strong>" in html and "<code>code</code>" in html
+    assert "<ul><li>one</li><li>two</li></ul>" in html
+    assert "<th>a</th>" in html and "<td>2</td>" in html and "<td>---</td>" not in html
+    (tmp_path / "p.png").write_bytes(PNG + b"rest")
+    page = to_html(text, tmp_path)
+    assert 'src="data:image/png;base64,' in page and page.startswith("<!DOCTYPE html>")
