@@ -22,9 +22,6 @@ from conftest import ROOT
 
 README = ROOT / "README.md"
 PIPELINE, SCHEDULE, PRUNED = "path/to/stable-diffusion-v1-5", "sd15_dipgo_0.8.json", "sd15-pruned-0.3"
-NOT_YET = {"demo": "`diffprune demo` is being built (issue #6); this check runs once the subcommand exists"}
-
-
 def _text():
     return README.read_text()
 
@@ -138,16 +135,8 @@ def _check(mentions, commands):
 
 def test_readme_commands_and_options_exist(commands):
     mentions = _mentions(_text())
-    assert {m[0] for m in mentions} >= {"info", "search", "sample", "bench", "prune", "finetune", "eval", "train"}
+    assert {m[0] for m in mentions} >= {"info", "search", "sample", "bench", "prune", "finetune", "eval", "train",
+                                        "demo"}
     # a span whose first word is not a command at all (e.g. `steps`) is prose, not a command
-    mentions = [m for m in mentions if m[0] not in NOT_YET and (m[0] in commands or "diffprune" in m[2])]
-    _check(mentions, commands)
-
-
-@pytest.mark.parametrize("cmd", sorted(NOT_YET))
-def test_readme_commands_not_built_yet(commands, cmd):
-    mentions = [m for m in _mentions(_text()) if m[0] == cmd]
-    assert mentions, f"README no longer mentions `diffprune {cmd}`: drop it from NOT_YET"
-    if cmd not in commands:
-        pytest.skip(NOT_YET[cmd])
+    mentions = [m for m in mentions if m[0] in commands or "diffprune" in m[2]]
     _check(mentions, commands)
