@@ -139,3 +139,23 @@ def test_built_in_markdown_converter(tmp_path):
     (tmp_path / "p.png").write_bytes(PNG + b"rest")
     page = to_html(text, tmp_path)
     assert 'src="data:image/png;base64,' in page and page.startswith("<!DOCTYPE html>")
+
+
+def test_loss_curve_is_the_artifacts_own_when_recorded():
+    curve = demo.timestep_curve(None, demo.default_settings("cpu"))  # the shipped artifact records its walk
+    assert curve["source"] == "recorded in the pruned artifact" and curve["threshold"] == 0.05
+    assert curve["stop_t"] == len(curve["losses"]) - 1 == 322  # the walk's last step is the one that stopped it
+
+
+@needs_fmnist
+def test_loss_curve_is_computed_when_the_artifact_records_none(monkeypatch):
+    from diffprune.structural.timesteps import should_stop
+    from diffprune.zoo import load_model
+    monkeypatch.setattr(demo, "_pruned_meta", lambda: {})
+    s = demo.DemoSettings(curve_stride=250, curve_batch=2)
+    curve = demo.timestep_curve(load_model(demo.DENSE_MODEL).eval(), s)
+    assert curve["timesteps"] == [0, 250, 500, 750] and curve["source"].startswith("computed here")
+    losses = curve["losses"]
+    assert losses[0] > losses[-1] > 0  # noise prediction gets easier as t grows
+    k = curve["timesteps"].index(curve["stop_t"]) if curve["stop_t"] is not None else len(losses)
+    assert all(not should_stop(losses[i], max(losses[:i + 1]), 0.05) for i in range(k))
