@@ -2,7 +2,7 @@
 """Measured speedup of the Fashion-MNIST schedules (bench/results/temporal_fmnist) on a GPU: one DDIM-50 rollout
 at batch 1 with CFG 2, fp32, dense and under each schedule, with the denoiser captured as CUDA graphs (one per
 distinct step pattern) and eagerly; the speedup is dense rollout time / scheduled rollout time in the same mode,
-next to the MACs ideal. Writes OUT/schedule_speed_fmnist.{json,md} after every row.
+next to the MACs ideal. Writes OUT/schedule_speed_fmnist/DEVICE.{json,md} (cuda or cpu) after every row.
 
   python3 bench/schedule_speed_fmnist.py --device cuda       # GPU machine, carry .carry (bench/pack_carry.sh)
 """
@@ -35,6 +35,7 @@ def main():
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "bench/results")) / "schedule_speed_fmnist"
     out.mkdir(parents=True, exist_ok=True)
+    stem = "cuda" if args.device.startswith("cuda") else args.device  # a CPU test run never overwrites GPU rows
     rows = []
     for name in args.models.split(","):
         model = zoo.load_model(name).to(args.device).float().eval()
@@ -54,12 +55,12 @@ def main():
                        "patterns": r.get("patterns"), "gpu": r.get("gpu"), "torch": r.get("torch")}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                atomic_write_text(out / "schedule_speed_fmnist.json", json.dumps(rows, indent=1))
+                atomic_write_text(out / f"{stem}.json", json.dumps(rows, indent=1))
                 lines = ["| model | mode | schedule | rollout ms | measured speedup | MACs ideal | graphs |",
                          "|---|---|---|---|---|---|---|"]
                 lines += [f"| {x['model']} | {x['mode']} | {x['schedule']} | {x['median_ms']:.1f} | {x['speedup']:.2f}x"
                           f" | {x['speedup_ideal'] or 1:.2f}x | {x['patterns'] or '-'} |" for x in rows]
-                atomic_write_text(out / "schedule_speed_fmnist.md", "\n".join(lines) + "\n")
+                atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Prune real-size architectures (random weights: quality is meaningless, size and speed are not) at several
 ratios with the magnitude criterion, and record params and MACs; on a GPU also time one denoiser call (CUDA graph
-and eager, fp16, batch 2 = CFG) before and after. Writes OUT/structural_realsize.{json,md} after every row.
+and eager, fp16, batch 2 = CFG) before and after. Writes OUT/structural_realsize/structural_realsize.{json,md}
+(structural_realsize_cuda.* with --device cuda) after every row.
 
   python3 bench/structural_realsize.py --device cpu                 # params/MACs only
   python3 bench/structural_realsize.py --device cuda                # + H100 latency (carry .whl)
@@ -29,6 +30,7 @@ def call_ms(model, device):
     for mode in ("graph", "eager"):
         r = time_denoiser_call(model.to(device).half(), batch=1, cfg=True, mode=mode, repeats=30, warmup=5)
         out[mode] = r["median_ms"]
+        out["gpu"] = r.get("gpu")
     return out
 
 
@@ -40,6 +42,7 @@ def main():
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "bench/results")) / "structural_realsize"
     out.mkdir(parents=True, exist_ok=True)
+    stem = "structural_realsize" + ("_cuda" if args.device.startswith("cuda") else "")
     rows = []
     for name in args.models.split(","):
         for ratio in [0.0] + [float(r) for r in args.ratios.split(",")]:
@@ -51,10 +54,10 @@ def main():
             row = {"model": name, "ratio": ratio, "params": count_params(model), "macs": g.total_macs,
                    "prune_s": round(time.time() - t0, 1)}
             if args.device.startswith("cuda"):
-                row.update({f"{k}_ms": v for k, v in call_ms(model, args.device).items()})
+                row.update({k if k == "gpu" else f"{k}_ms": v for k, v in call_ms(model, args.device).items()})
             rows.append(row)
             print(row, flush=True)
-            atomic_write_text(out / "structural_realsize.json", json.dumps(rows, indent=1))
+            atomic_write_text(out / f"{stem}.json", json.dumps(rows, indent=1))
             lines = ["| model | ratio | params | GMACs | MACs vs dense |" + (" graph ms | eager ms |" if
                                                                           args.device != "cpu" else ""),
                      "|---|---|---|---|---|" + ("---|---|" if args.device != "cpu" else "")]
@@ -65,8 +68,8 @@ def main():
                 if "graph_ms" in r:
                     line += f" {r['graph_ms']:.2f} | {r['eager_ms']:.2f} |"
                 lines.append(line)
-            atomic_write_text(out / "structural_realsize.md", "\n".join(lines) + "\n")
-    print((out / "structural_realsize.md").read_text())
+            atomic_write_text(out / f"{stem}.md", "\n".join(lines) + "\n")
+    print((out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

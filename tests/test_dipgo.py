@@ -192,3 +192,19 @@ def test_search_schedule_trains_saves_and_reuses_a_pruner(tmp_path):
     assert np.array_equal(again.table, first.table)  # the same pruner thresholded at the same ratio
     with pytest.raises(DiffpruneError, match="trained for 3 ddim steps"):
         search_schedule(model, "dipgo", ratio=0.5, steps=4, graph=graph, pruner=path, progress=False)
+
+
+def test_the_default_sgd_lr_moves_a_cell_the_same_at_any_step_count():
+    # the sparsity loss is a mean over the gated steps: without the default lr's scaling a cell's first update
+    # would be 5x smaller at 250 steps than at 50 (the reason a 250-step run once flipped no gate)
+    model, graph = model_graph("tiny-unet")
+    moved = {}
+    for steps in (4, 12):
+        pruner = Pruner(steps, graph.n_units, dim=8, hidden=8, encoder=False)
+        before = pruner.b3.detach().clone()
+        result = train_pruner(model, target=0.5, num_steps=steps, graph=graph, pruner=pruner, iterations=1,
+                              warmup=1, weight_decay=0.0, grad_clip=1e9, labels=[1], progress=False)
+        assert result.config["lr"] == pytest.approx(0.1 * (steps - 1) / 49)
+        moved[steps] = (pruner.b3.detach() - before)[1:, :, 1]  # the keep logit's bias; step 0 is never gated
+    assert moved[4].abs().max() > 0
+    torch.testing.assert_close(moved[4].mean(0), moved[12].mean(0), rtol=1e-5, atol=1e-9)

@@ -46,7 +46,8 @@ def add_parser(sub):
                    help="samples per iteration (default 1); under `accelerate launch`, the global batch, split among "
                         "the processes")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="default sgd")
-    g.add_argument("--lr", type=float, help="learning rate (default 0.1 for sgd, 1e-3 for adamw)")
+    g.add_argument("--lr", type=float,
+                   help="learning rate (default: sgd 0.1 at 50 steps, scaled with the step count; adamw 1e-3)")
     g.add_argument("--alpha", type=float, default=1.0, help="sparsity loss weight (default 1)")
     g.add_argument("--dim", type=int, default=512, help="query dimension (default 512)")
     g.add_argument("--no-encoder", action="store_true", help="skip the query encoder (to measure what it does)")
