@@ -63,6 +63,10 @@ done
 "$PY" - "$RUNS" "$OUT" $CRITERIA <<'EOF'
 import json, os, sys
 runs, out, criteria = sys.argv[1], sys.argv[2], sys.argv[3:]
+# every criterion run in RUNS, not only this call's: gpu_structural.sh runs one chain per criterion side by side
+order = ["diff-pruning", "taylor", "magnitude", "random", "reinit"]
+found = [d[len("prune-"):] for d in os.listdir(runs) if d.startswith("prune-")]
+criteria = sorted(set(criteria) | set(found), key=lambda c: (order.index(c) if c in order else len(order), c))
 rows = ["| criterion | params | MACs | timesteps | fine-tune steps | metrics |", "|---|---|---|---|---|---|"]
 for c in criteria:
     rec = {}

@@ -5,7 +5,10 @@ and eager, fp16, batch 2 = CFG) before and after. Writes OUT/structural_realsize
 (structural_realsize_cuda.* with --device cuda) after every row.
 
   python3 bench/structural_realsize.py --device cpu                 # params/MACs only
-  python3 bench/structural_realsize.py --device cuda                # + H100 latency (carry .whl)
+  python3 bench/structural_realsize.py --device cuda                # + H100 latency (carry .carry)
+  python3 bench/structural_realsize.py --device cuda --heads dims8,whole --stem structural_realsize_heads_cuda
+--heads picks how attention loses width: dims (every head's dim shrinks alike, the default), dims8 (the same,
+kept head_dim rounded to a multiple of 8: --head-multiple 8), whole (whole heads removed).
 """
 from __future__ import annotations
 
@@ -39,32 +42,36 @@ def main():
     ap.add_argument("--models", default="sd15,dit-xl-2")
     ap.add_argument("--ratios", default="0.2,0.3,0.5")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--heads", default="dims", help="comma-separated: dims, dims8, whole")
+    ap.add_argument("--stem", help="output file name (default structural_realsize[_cuda])")
     args = ap.parse_args()
+    variants = {"dims": dict(heads="dims"), "dims8": dict(heads="dims", head_multiple=8), "whole": dict(heads="whole")}
     out = Path(os.environ.get("OUT", "bench/results")) / "structural_realsize"
     out.mkdir(parents=True, exist_ok=True)
-    stem = "structural_realsize" + ("_cuda" if args.device.startswith("cuda") else "")
+    stem = args.stem or "structural_realsize" + ("_cuda" if args.device.startswith("cuda") else "")
     rows = []
     for name in args.models.split(","):
-        for ratio in [0.0] + [float(r) for r in args.ratios.split(",")]:
+        cases = [(0.0, "dims")] + [(float(r), h) for h in args.heads.split(",") for r in args.ratios.split(",")]
+        for ratio, heads in cases:
             t0 = time.time()
             model = zoo.build(name)
             if ratio:
-                model, _ = prune(model, ratio, "magnitude", progress=False)
+                model, _ = prune(model, ratio, "magnitude", progress=False, **variants[heads])
             g = build_graph(model)
-            row = {"model": name, "ratio": ratio, "params": count_params(model), "macs": g.total_macs,
-                   "prune_s": round(time.time() - t0, 1)}
+            row = {"model": name, "ratio": ratio, "heads": heads if ratio else "-", "params": count_params(model),
+                   "macs": g.total_macs, "prune_s": round(time.time() - t0, 1)}
             if args.device.startswith("cuda"):
                 row.update({k if k == "gpu" else f"{k}_ms": v for k, v in call_ms(model, args.device).items()})
             rows.append(row)
             print(row, flush=True)
             atomic_write_text(out / f"{stem}.json", json.dumps(rows, indent=1))
-            lines = ["| model | ratio | params | GMACs | MACs vs dense |" + (" graph ms | eager ms |" if
-                                                                          args.device != "cpu" else ""),
-                     "|---|---|---|---|---|" + ("---|---|" if args.device != "cpu" else "")]
+            lines = ["| model | ratio | heads | params | GMACs | MACs vs dense |" + (" graph ms | eager ms |" if
+                                                                                  args.device != "cpu" else ""),
+                     "|---|---|---|---|---|---|" + ("---|---|" if args.device != "cpu" else "")]
             for r in rows:
                 dense = next(d for d in rows if d["model"] == r["model"] and d["ratio"] == 0.0)
-                line = (f"| {r['model']} | {r['ratio']:.1f} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.2f} | "
-                        f"{r['macs'] / dense['macs']:.3f} |")
+                line = (f"| {r['model']} | {r['ratio']:.1f} | {r.get('heads', 'dims')} | {r['params'] / 1e6:.2f}M | "
+                        f"{r['macs'] / 1e9:.2f} | {r['macs'] / dense['macs']:.3f} |")
                 if "graph_ms" in r:
                     line += f" {r['graph_ms']:.2f} | {r['eager_ms']:.2f} |"
                 lines.append(line)

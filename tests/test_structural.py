@@ -220,6 +220,26 @@ def test_pruned_dit_runs_with_fewer_heads_dims_and_mlp_units():
     assert _run(model, x, t, cond).shape == x.shape
 
 
+def test_head_multiple_rounds_the_kept_head_dim_and_odd_dims_are_pointed_out(tmp_path):
+    from diffprune.structural import load_pruned, save_pruned
+    plain, r = prune(zoo.build("tiny-dit"), 0.2, "magnitude", progress=False)
+    assert plain.transformer_blocks[0].attn1.to_q.out_features == 2 * 13  # 16 -> 13 per head
+    assert any("head_dim after pruning: 13, not a multiple of 8" in n for n in r["notes"])
+    model, r = prune(zoo.build("tiny-dit"), 0.2, "magnitude", head_multiple=4, progress=False)
+    blk = model.transformer_blocks[0]
+    assert blk.attn1.heads == 2 and blk.attn1.to_q.out_features == 2 * 12 and r["head_multiple"] == 4
+    assert blk.ff.net[0].proj.out_features == plain.transformer_blocks[0].ff.net[0].proj.out_features  # MLP alone
+    save_pruned(model, tmp_path / "p", r)
+    again = load_pruned(tmp_path / "p")
+    x, t, cond = get_adapter(model).example_inputs(model, batch=2)
+    assert torch.equal(_run(again, x, t, cond), _run(model, x, t, cond))
+    # two heads of 8: ratio 0.2 keeps 6 per head, a tie between 4 and 8 (ties keep more); 0.4 keeps 5 -> 4
+    assert choose_indices(torch.arange(16.0), 0.2, 2, keep_multiple=4) == []
+    assert choose_indices(torch.arange(16.0), 0.4, 2, keep_multiple=4) == [0, 1, 2, 3, 8, 9, 10, 11]
+    with pytest.raises(DiffpruneError, match="head_multiple"):
+        prune(zoo.build("tiny-dit"), 0.2, "magnitude", head_multiple=0, progress=False)
+
+
 # ----- user mistakes: clear errors, no output directory ---------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -12,7 +12,8 @@ defaults:
 - tp rule: torch-pruning 1.6's own choice, reproduced: scores averaged over the G groups, the same positions
   removed in every group, the count computed per group (128 -> 64 at r = 0.3).
 Multi-head attention keeps head_dim uniform: heads are the groups of the q/k/v channels (or whole heads are
-removed, heads="whole"). GEGLU projections lose hidden units in (value, gate) pairs. The final output conv never
+removed, heads="whole"); head_multiple rounds the kept head_dim to a multiple (GPU fused attention kernels want
+multiples of 8: an H100 ran a DiT-XL/2 pruned to head_dim 58 slower than the dense one). GEGLU projections lose hidden units in (value, gate) pairs. The final output conv never
 loses outputs; model inputs (image channels, text-encoder width of cross-attention keys/values) are never pruned,
 because nothing upstream of them is prunable. DiT prunes attention heads/head_dim, MLP hidden width and the
 time-embedding MLP hidden width only: its residual stream is tied to fixed position embeddings and adaLN chunks.
@@ -53,10 +54,11 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def choose_indices(scores: torch.Tensor, ratio: float, groups: int = 1, rule: str = "paper",
-                   multiple_of: int = 1) -> list[int]:
+                   multiple_of: int = 1, keep_multiple: int = 1) -> list[int]:
     """Indices (into the group's channels) to remove. `groups` contiguous channel groups (GroupNorm groups or
     attention heads) must stay equal in size; `multiple_of` rounds an ungrouped count down (a GroupNorm reached
-    only through a concatenation)."""
+    only through a concatenation); `keep_multiple` rounds what each group keeps to the nearest multiple (ties keep
+    more; never below one multiple, never above the group's size)."""
     c = len(scores)
     if groups <= 1:
         n = removal_count(c, ratio)
@@ -66,13 +68,21 @@ def choose_indices(scores: torch.Tensor, ratio: float, groups: int = 1, rule: st
         raise DiffpruneError(f"internal: {c} channels do not split into {groups} groups")
     size = c // groups
     if rule == "paper":  # floor(n / G) per group, each group by its own lowest scores
-        k = min(removal_count(c, ratio) // groups, size - 1)
+        k = _round_kept(size, min(removal_count(c, ratio) // groups, size - 1), keep_multiple)
         picked = [_lowest(scores[g * size:(g + 1) * size], k) + g * size for g in range(groups)]
     else:  # torch-pruning 1.6: mean over groups, count per group, same positions everywhere
-        k = min(removal_count(size, ratio), size - 1)
+        k = _round_kept(size, min(removal_count(size, ratio), size - 1), keep_multiple)
         pos = _lowest(scores.view(groups, size).mean(0), k)
         picked = [pos + g * size for g in range(groups)]
     return sorted(torch.cat(picked).tolist())
+
+
+def _round_kept(size: int, k: int, multiple: int) -> int:
+    """The removal count that leaves the nearest multiple of `multiple` to size - k kept (ties keep more)."""
+    if multiple <= 1 or size <= multiple:
+        return k
+    kept = int((size - k) / multiple + 0.5) * multiple
+    return size - min(max(kept, multiple), size)
 
 
 def choose_heads(scores: torch.Tensor, ratio: float, heads: int) -> tuple[list[int], int]:
@@ -178,7 +188,8 @@ def _consistent(group, plan: GroupPlan) -> bool:
 # ----- the entry point ------------------------------------------------------------------------------------------
 
 def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float = 0.05, data=None, *,
-          rule: str = "paper", reduction: str = "paper", norm: int = 2, heads: str = "dims", seed: int = 0,
+          rule: str = "paper", reduction: str = "paper", norm: int = 2, heads: str = "dims",
+          head_multiple: int = 1, seed: int = 0,
           batch: int | None = None, data_dir=None, scheduler_config: dict | None = None,
           progress: bool = True) -> tuple[nn.Module, dict]:
     """Prune `model` (a supported diffusers denoiser) IN PLACE; returns (model, report).
@@ -187,6 +198,8 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
     "fmnist", "synthetic", or a CalibrationBatch. Only the gradient criteria (diff-pruning, taylor) use it.
     scheduler_config: the diffusers scheduler config the model was trained with (default: DDPM linear 1e-4..0.02,
     SD's scaled-linear for text UNets).
+    head_multiple: with heads="dims", round every multi-head attention's kept head_dim to a multiple of this (8 for
+    GPU fused attention kernels; default 1, the plain ratio).
     """
     ratio = check_ratio(ratio)
     check_criterion(criterion, reduction, norm)
@@ -195,6 +208,8 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
         raise DiffpruneError(f"unknown channel rule {rule!r}; choose one of {', '.join(RULES)}")
     if heads not in HEAD_MODES:
         raise DiffpruneError(f"unknown head mode {heads!r}; choose one of {', '.join(HEAD_MODES)}")
+    if isinstance(head_multiple, bool) or not isinstance(head_multiple, int) or head_multiple < 1:
+        raise DiffpruneError(f"head_multiple must be a positive integer, got {head_multiple!r}")
     adapter = get_adapter(model)
     if adapter.family not in SUPPORTED_FAMILIES:
         raise DiffpruneError(f"structural pruning supports {', '.join(SUPPORTED_FAMILIES)} denoisers; "
@@ -206,7 +221,7 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
         _tell(notes, "gradient checkpointing was switched off while tracing and scoring (it hides layers from "
                      "the dependency graph) and switched back on afterwards", progress)
     report = {"family": adapter.family, "class": type(model).__name__, "criterion": criterion, "ratio": ratio,
-              "rule": rule, "reduction": reduction, "heads": heads, "seed": seed}
+              "rule": rule, "reduction": reduction, "heads": heads, "head_multiple": head_multiple, "seed": seed}
     if criterion == "magnitude":
         report["norm"] = f"L{norm}"
     was_training = model.training
@@ -226,7 +241,15 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
             report["timesteps"] = ts.to_dict()
             if batch_data.synthetic:
                 _tell(notes, f"calibration batch is synthetic ({batch_data.source})", progress)
-        dg, plans, skipped = _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, seed)
+        dg, plans, skipped = _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, head_multiple,
+                                   seed)
+        odd = sorted({p.kept // p.groups for p in plans if p.kind == "attention" and p.groups > 1 and p.remove
+                      and (p.kept // p.groups) % 8})
+        if odd:
+            _tell(notes, f"attention head_dim after pruning: {', '.join(map(str, odd))}, not a multiple of 8; GPU "
+                         f"fused attention kernels may fall back to slower ones (on an H100 a DiT-XL/2 pruned to "
+                         f"head_dim 58 ran slower than the dense model): --head-multiple 8 or --heads whole avoid "
+                         f"it", progress)
         head_counts = _apply(model, dg, plans)
         del dg
         model.zero_grad(set_to_none=True)
@@ -283,7 +306,7 @@ def _protected(model, adapter) -> list[nn.Module]:
     return [getattr(model, n) for n in names if isinstance(getattr(model, n, None), nn.Module)]
 
 
-def _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, seed):
+def _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, head_multiple, seed):
     import torch_pruning as tp
     if criterion in GRADIENT_CRITERIA and all(p.grad is None for p in model.parameters()):
         raise DiffpruneError("internal: no gradients were accumulated for a gradient criterion")
@@ -307,7 +330,8 @@ def _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, seed):
         elif plan.kind == "attention" and heads == "whole" and plan.groups > 1:
             plan.remove, plan.heads_removed = choose_heads(scores, ratio, plan.groups)
         elif plan.groups > 1 and plan.channels % plan.groups == 0:
-            plan.remove = choose_indices(scores, ratio, plan.groups, rule)
+            plan.remove = choose_indices(scores, ratio, plan.groups, rule,
+                                         keep_multiple=head_multiple if plan.kind == "attention" else 1)
         else:  # GroupNorm reached only through a concatenation: keep its width divisible
             plan.remove = choose_indices(scores, ratio, 1, rule, multiple_of=max(plan.groups, 1))
         plans.append(plan)
