@@ -8,7 +8,7 @@ and eager, fp16, batch 2 = CFG) before and after. Writes OUT/structural_realsize
   python3 bench/structural_realsize.py --device cuda                # + H100 latency (carry .carry)
   python3 bench/structural_realsize.py --device cuda --heads dims8,whole --stem structural_realsize_heads_cuda
 --heads picks how attention loses width: dims (every head's dim shrinks alike, the default), dims8 (the same,
-kept head_dim rounded to a multiple of 8: --head-multiple 8), whole (whole heads removed).
+every kept width rounded to a multiple of 8: --width-multiple 8), whole (whole heads removed).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--heads", default="dims", help="comma-separated: dims, dims8, whole")
     ap.add_argument("--stem", help="output file name (default structural_realsize[_cuda])")
     args = ap.parse_args()
-    variants = {"dims": dict(heads="dims"), "dims8": dict(heads="dims", head_multiple=8), "whole": dict(heads="whole")}
+    variants = {"dims": dict(heads="dims"), "dims8": dict(heads="dims", width_multiple=8), "whole": dict(heads="whole")}
     out = Path(os.environ.get("OUT", "bench/results")) / "structural_realsize"
     out.mkdir(parents=True, exist_ok=True)
     stem = args.stem or "structural_realsize" + ("_cuda" if args.device.startswith("cuda") else "")

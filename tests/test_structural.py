@@ -220,15 +220,20 @@ def test_pruned_dit_runs_with_fewer_heads_dims_and_mlp_units():
     assert _run(model, x, t, cond).shape == x.shape
 
 
-def test_head_multiple_rounds_the_kept_head_dim_and_odd_dims_are_pointed_out(tmp_path):
+def test_width_multiple_rounds_kept_widths_and_odd_widths_are_pointed_out(tmp_path):
     from diffprune.structural import load_pruned, save_pruned
     plain, r = prune(zoo.build("tiny-dit"), 0.2, "magnitude", progress=False)
-    assert plain.transformer_blocks[0].attn1.to_q.out_features == 2 * 13  # 16 -> 13 per head
-    assert any("head_dim after pruning: 13, not a multiple of 8" in n for n in r["notes"])
-    model, r = prune(zoo.build("tiny-dit"), 0.2, "magnitude", head_multiple=4, progress=False)
+    blk = plain.transformer_blocks[0]
+    assert blk.attn1.to_q.out_features == 2 * 13 and blk.ff.net[0].proj.out_features == 102  # 16 -> 13, 128 -> 102
+    note = next(n for n in r["notes"] if "not multiples of 8" in n)
+    assert "head_dim 13" in note and "mlp 102" in note and "--width-multiple 8" in note
+    model, r = prune(zoo.build("tiny-dit"), 0.2, "magnitude", width_multiple=4, progress=False)
     blk = model.transformer_blocks[0]
-    assert blk.attn1.heads == 2 and blk.attn1.to_q.out_features == 2 * 12 and r["head_multiple"] == 4
-    assert blk.ff.net[0].proj.out_features == plain.transformer_blocks[0].ff.net[0].proj.out_features  # MLP alone
+    assert blk.attn1.heads == 2 and blk.attn1.to_q.out_features == 2 * 12 and r["width_multiple"] == 4
+    assert blk.ff.net[0].proj.out_features == 104  # 102 -> the nearest multiple of 4 (a tie: keep more)
+    assert blk.attn1.to_q.in_features == 32  # the residual stream is still never pruned
+    assert not any("not multiples of 8" in n for n in prune(zoo.build("tiny-dit"), 0.2, "magnitude",
+                                                            width_multiple=8, progress=False)[1]["notes"])
     save_pruned(model, tmp_path / "p", r)
     again = load_pruned(tmp_path / "p")
     x, t, cond = get_adapter(model).example_inputs(model, batch=2)
@@ -236,8 +241,9 @@ def test_head_multiple_rounds_the_kept_head_dim_and_odd_dims_are_pointed_out(tmp
     # two heads of 8: ratio 0.2 keeps 6 per head, a tie between 4 and 8 (ties keep more); 0.4 keeps 5 -> 4
     assert choose_indices(torch.arange(16.0), 0.2, 2, keep_multiple=4) == []
     assert choose_indices(torch.arange(16.0), 0.4, 2, keep_multiple=4) == [0, 1, 2, 3, 8, 9, 10, 11]
-    with pytest.raises(DiffpruneError, match="head_multiple"):
-        prune(zoo.build("tiny-dit"), 0.2, "magnitude", head_multiple=0, progress=False)
+    assert len(choose_indices(torch.arange(100.0), 0.3, keep_multiple=8)) == 100 - 72  # keeps 70 -> 72
+    with pytest.raises(DiffpruneError, match="width_multiple"):
+        prune(zoo.build("tiny-dit"), 0.2, "magnitude", width_multiple=0, progress=False)
 
 
 # ----- user mistakes: clear errors, no output directory ---------------------------------------------------------

@@ -33,9 +33,9 @@ def add_parser(sub):
                         "plain sum; default) or port (sum |w*g|, mean over layers, divided by the mean)")
     p.add_argument("--heads", default="dims", choices=HEAD_MODES,
                    help="multi-head attention: shrink every head's dim alike (default) or remove whole heads")
-    p.add_argument("--head-multiple", type=int, default=1, metavar="N",
-                   help="with --heads dims, round each kept head_dim to a multiple of N (8 lets GPU fused "
-                        "attention kernels run; default 1: the plain ratio)")
+    p.add_argument("--width-multiple", type=int, default=1, metavar="N",
+                   help="round every width pruning keeps (each head's dim, MLP hidden units, channels without "
+                        "GroupNorm) to a multiple of N; 8 suits GPU matrix kernels (default 1: the plain ratio)")
     p.add_argument("--data", default="auto", choices=SOURCES,
                    help="calibration batch: Fashion-MNIST for 1x32x32 pixel models, synthetic otherwise (auto)")
     p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
@@ -80,7 +80,7 @@ def run(args):
     torch.nn.Module.to(model, args.device, torch.float32)  # scores and pruned weights in full precision
     model, report = prune(model, args.ratio, args.criterion, args.threshold, args.data, rule=args.rule,
                           reduction=args.reduction, norm=args.norm, heads=args.heads,
-                          head_multiple=args.head_multiple, seed=args.seed,
+                          width_multiple=args.width_multiple, seed=args.seed,
                           batch=args.batch, data_dir=args.data_dir, scheduler_config=scheduler_config,
                           progress=not args.quiet)
     source = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # a teacher for --distill

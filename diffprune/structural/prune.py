@@ -12,8 +12,9 @@ defaults:
 - tp rule: torch-pruning 1.6's own choice, reproduced: scores averaged over the G groups, the same positions
   removed in every group, the count computed per group (128 -> 64 at r = 0.3).
 Multi-head attention keeps head_dim uniform: heads are the groups of the q/k/v channels (or whole heads are
-removed, heads="whole"); head_multiple rounds the kept head_dim to a multiple (GPU fused attention kernels want
-multiples of 8: an H100 ran a DiT-XL/2 pruned to head_dim 58 slower than the dense one). GEGLU projections lose hidden units in (value, gate) pairs. The final output conv never
+removed, heads="whole"). width_multiple rounds what pruning keeps (each head's dim, MLP and other ungrouped
+widths) to a multiple: GPU matrix kernels slow down on odd widths (an H100 ran DiT-XL/2 with its MLP pruned from
+4608 to 3686 units slower than the dense model). GEGLU projections lose hidden units in (value, gate) pairs. The final output conv never
 loses outputs; model inputs (image channels, text-encoder width of cross-attention keys/values) are never pruned,
 because nothing upstream of them is prunable. DiT prunes attention heads/head_dim, MLP hidden width and the
 time-embedding MLP hidden width only: its residual stream is tied to fixed position embeddings and adaLN chunks.
@@ -21,6 +22,7 @@ time-embedding MLP hidden width only: its residual stream is tied to fixed posit
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections import Counter
 
@@ -63,6 +65,7 @@ def choose_indices(scores: torch.Tensor, ratio: float, groups: int = 1, rule: st
     if groups <= 1:
         n = removal_count(c, ratio)
         n = min(n - n % multiple_of, c - multiple_of)
+        n = _round_kept(c, n, math.lcm(multiple_of, keep_multiple)) if keep_multiple > 1 else n
         return sorted(_lowest(scores, max(n, 0)).tolist())
     if c % groups:
         raise DiffpruneError(f"internal: {c} channels do not split into {groups} groups")
@@ -189,7 +192,7 @@ def _consistent(group, plan: GroupPlan) -> bool:
 
 def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float = 0.05, data=None, *,
           rule: str = "paper", reduction: str = "paper", norm: int = 2, heads: str = "dims",
-          head_multiple: int = 1, seed: int = 0,
+          width_multiple: int = 1, seed: int = 0,
           batch: int | None = None, data_dir=None, scheduler_config: dict | None = None,
           progress: bool = True) -> tuple[nn.Module, dict]:
     """Prune `model` (a supported diffusers denoiser) IN PLACE; returns (model, report).
@@ -198,8 +201,8 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
     "fmnist", "synthetic", or a CalibrationBatch. Only the gradient criteria (diff-pruning, taylor) use it.
     scheduler_config: the diffusers scheduler config the model was trained with (default: DDPM linear 1e-4..0.02,
     SD's scaled-linear for text UNets).
-    head_multiple: with heads="dims", round every multi-head attention's kept head_dim to a multiple of this (8 for
-    GPU fused attention kernels; default 1, the plain ratio).
+    width_multiple: round what pruning keeps to a multiple of this: each attention head's dim (heads="dims"), MLP
+    hidden widths and other groups without GroupNorm (8 suits GPU matrix kernels; default 1, the plain ratio).
     """
     ratio = check_ratio(ratio)
     check_criterion(criterion, reduction, norm)
@@ -208,8 +211,8 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
         raise DiffpruneError(f"unknown channel rule {rule!r}; choose one of {', '.join(RULES)}")
     if heads not in HEAD_MODES:
         raise DiffpruneError(f"unknown head mode {heads!r}; choose one of {', '.join(HEAD_MODES)}")
-    if isinstance(head_multiple, bool) or not isinstance(head_multiple, int) or head_multiple < 1:
-        raise DiffpruneError(f"head_multiple must be a positive integer, got {head_multiple!r}")
+    if isinstance(width_multiple, bool) or not isinstance(width_multiple, int) or width_multiple < 1:
+        raise DiffpruneError(f"width_multiple must be a positive integer, got {width_multiple!r}")
     adapter = get_adapter(model)
     if adapter.family not in SUPPORTED_FAMILIES:
         raise DiffpruneError(f"structural pruning supports {', '.join(SUPPORTED_FAMILIES)} denoisers; "
@@ -221,7 +224,7 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
         _tell(notes, "gradient checkpointing was switched off while tracing and scoring (it hides layers from "
                      "the dependency graph) and switched back on afterwards", progress)
     report = {"family": adapter.family, "class": type(model).__name__, "criterion": criterion, "ratio": ratio,
-              "rule": rule, "reduction": reduction, "heads": heads, "head_multiple": head_multiple, "seed": seed}
+              "rule": rule, "reduction": reduction, "heads": heads, "width_multiple": width_multiple, "seed": seed}
     if criterion == "magnitude":
         report["norm"] = f"L{norm}"
     was_training = model.training
@@ -241,15 +244,13 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
             report["timesteps"] = ts.to_dict()
             if batch_data.synthetic:
                 _tell(notes, f"calibration batch is synthetic ({batch_data.source})", progress)
-        dg, plans, skipped = _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, head_multiple,
+        dg, plans, skipped = _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, width_multiple,
                                    seed)
-        odd = sorted({p.kept // p.groups for p in plans if p.kind == "attention" and p.groups > 1 and p.remove
-                      and (p.kept // p.groups) % 8})
+        odd = _odd_widths(plans)
         if odd:
-            _tell(notes, f"attention head_dim after pruning: {', '.join(map(str, odd))}, not a multiple of 8; GPU "
-                         f"fused attention kernels may fall back to slower ones (on an H100 a DiT-XL/2 pruned to "
-                         f"head_dim 58 ran slower than the dense model): --head-multiple 8 or --heads whole avoid "
-                         f"it", progress)
+            _tell(notes, f"widths after pruning that are not multiples of 8: {odd}; GPU matrix kernels can run "
+                         f"slower on them than on the larger dense widths (an H100 ran DiT-XL/2 with MLP width 3686 "
+                         f"slower than dense): --width-multiple 8 rounds them", progress)
         head_counts = _apply(model, dg, plans)
         del dg
         model.zero_grad(set_to_none=True)
@@ -266,6 +267,19 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
     if criterion in GRADIENT_CRITERIA:
         report["timesteps_used"] = report["timesteps"]["selected"]
     return model, report
+
+
+def _odd_widths(plans) -> str:
+    """'mlp 3687, head_dim 58' for the pruned widths a GPU kernel would find awkward (not multiples of 8)."""
+    found = {}
+    for p in plans:
+        if not p.remove:
+            continue
+        kind, width = (("head_dim", p.kept // p.groups) if p.kind == "attention" and p.groups > 1
+                       else (p.kind, p.kept // 2 if p.paired else p.kept))
+        if width % 8:
+            found.setdefault(kind, set()).add(width)
+    return ", ".join(f"{k} {', '.join(map(str, sorted(v)))}" for k, v in found.items())
 
 
 def count_macs(model, adapter, x, t, cond) -> int:
@@ -306,7 +320,7 @@ def _protected(model, adapter) -> list[nn.Module]:
     return [getattr(model, n) for n in names if isinstance(getattr(model, n, None), nn.Module)]
 
 
-def _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, head_multiple, seed):
+def _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, width_multiple, seed):
     import torch_pruning as tp
     if criterion in GRADIENT_CRITERIA and all(p.grad is None for p in model.parameters()):
         raise DiffpruneError("internal: no gradients were accumulated for a gradient criterion")
@@ -325,15 +339,16 @@ def _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, head_m
         scores = group_scores(group, criterion, reduction, norm, generator=gen, cache=cache)
         if plan.paired:
             half = plan.channels // 2
-            idx = choose_indices(scores[:half] + scores[half:], ratio, 1, rule)
+            idx = choose_indices(scores[:half] + scores[half:], ratio, 1, rule, keep_multiple=width_multiple)
             plan.remove = sorted(idx + [i + half for i in idx])
         elif plan.kind == "attention" and heads == "whole" and plan.groups > 1:
             plan.remove, plan.heads_removed = choose_heads(scores, ratio, plan.groups)
         elif plan.groups > 1 and plan.channels % plan.groups == 0:
             plan.remove = choose_indices(scores, ratio, plan.groups, rule,
-                                         keep_multiple=head_multiple if plan.kind == "attention" else 1)
+                                         keep_multiple=width_multiple if plan.kind == "attention" else 1)
         else:  # GroupNorm reached only through a concatenation: keep its width divisible
-            plan.remove = choose_indices(scores, ratio, 1, rule, multiple_of=max(plan.groups, 1))
+            plan.remove = choose_indices(scores, ratio, 1, rule, multiple_of=max(plan.groups, 1),
+                                         keep_multiple=width_multiple)
         plans.append(plan)
     return dg, plans, skipped
 
