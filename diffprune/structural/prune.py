@@ -15,9 +15,10 @@ Multi-head attention keeps head_dim uniform: heads are the groups of the q/k/v c
 removed, heads="whole"). width_multiple rounds what pruning keeps (each head's dim, MLP and other ungrouped
 widths) to a multiple: GPU matrix kernels slow down on odd widths (an H100 ran DiT-XL/2 with its MLP pruned from
 4608 to 3686 units slower than the dense model). GEGLU projections lose hidden units in (value, gate) pairs. The
-final output conv never loses outputs; model inputs (image channels, text-encoder width of cross-attention keys/values) are never pruned,
-because nothing upstream of them is prunable. DiT prunes attention heads/head_dim, MLP hidden width and the
-time-embedding MLP hidden width only: its residual stream is tied to fixed position embeddings and adaLN chunks.
+final output conv never loses outputs; model inputs (image channels, text-encoder width of cross-attention
+keys/values) are never pruned, because nothing upstream of them is prunable. DiT prunes attention heads/head_dim,
+MLP hidden width and the time-embedding MLP hidden width only: its residual stream is tied to fixed position
+embeddings and adaLN chunks.
 """
 from __future__ import annotations
 
