@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Measured speedup of the Fashion-MNIST schedules (bench/results/temporal_fmnist) on a GPU: one DDIM-50 rollout
-at batch 1 with CFG 2, fp32, dense and under each schedule, with the denoiser captured as CUDA graphs (one per
-distinct step pattern) and eagerly; the speedup is dense rollout time / scheduled rollout time in the same mode,
-next to the MACs ideal. Writes OUT/schedule_speed_fmnist/DEVICE.{json,md} (cuda or cpu) after every row.
+(--steps 250: the 250-step schedules) at batch 1 with CFG 2, fp32, dense and under each schedule, with the
+denoiser captured as CUDA graphs (one per distinct step pattern) and eagerly; the speedup is dense rollout time /
+scheduled rollout time in the same mode, next to the MACs ideal. Writes OUT/schedule_speed_fmnist/DEVICE.{json,md}
+(cuda or cpu; DEVICE-250steps.* for --steps 250) after every row.
 
   python3 bench/schedule_speed_fmnist.py --device cuda       # GPU machine, carry .carry (bench/pack_carry.sh)
 """
@@ -32,22 +33,24 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--modes", default="graph,eager")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=50, help="time the schedules made for this many DDIM steps")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "bench/results")) / "schedule_speed_fmnist"
     out.mkdir(parents=True, exist_ok=True)
     stem = "cuda" if args.device.startswith("cuda") else args.device  # a CPU test run never overwrites GPU rows
+    stem += "" if args.steps == 50 else f"-{args.steps}steps"
     rows = []
     for name in args.models.split(","):
         model = zoo.load_model(name).to(args.device).float().eval()
         files = sorted({Path(f).name: f for f in glob.glob(str(ROOT / "run*" / name / "schedules" / "*.json"))
                         if Path(f).name.split("_")[0] in args.methods.split(",")}.items())
-        # `steps` schedules are made for fewer sampler steps: time those as dense rollouts of their own length
-        files = [(k, f) for k, f in files if Schedule.load(f).num_steps == 50]
+        # `steps` schedules are made for fewer sampler steps, and other runs for other step counts: leave them out
+        files = [(k, f) for k, f in files if Schedule.load(f).num_steps == args.steps]
         for mode in args.modes.split(","):
             runs = [("dense", None)] + [(Path(f).stem, Schedule.load(f)) for _, f in files]
             dense_ms = None
             for label, schedule in runs:
-                r = time_rollout(model, schedule, steps=50, sampler="ddim", batch=1, cfg=True, guidance_scale=2.0,
+                r = time_rollout(model, schedule, steps=args.steps, sampler="ddim", batch=1, cfg=True, guidance_scale=2.0,
                                  mode=mode, repeats=args.repeats, warmup=2)
                 dense_ms = dense_ms or r["median_ms"]
                 row = {"model": name, "mode": mode, "schedule": label, "median_ms": r["median_ms"],
