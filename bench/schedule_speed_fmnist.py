@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent / "results" / "temporal_fmnist"
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="fmnist-unet,fmnist-dit")
-    ap.add_argument("--methods", default="dipgo,deepcache,step-reuse")
+    ap.add_argument("--methods", default="dipgo,deepcache,step-reuse",
+                    help="comma-separated (also steps, step-reuse-uniform, random, genetic)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--modes", default="graph,eager")
     ap.add_argument("--repeats", type=int, default=5)
@@ -44,14 +45,20 @@ def main():
         model = zoo.load_model(name).to(args.device).float().eval()
         files = sorted({Path(f).name: f for f in glob.glob(str(ROOT / "run*" / name / "schedules" / "*.json"))
                         if Path(f).name.split("_")[0] in args.methods.split(",")}.items())
-        # `steps` schedules are made for fewer sampler steps, and other runs for other step counts: leave them out
-        files = [(k, f) for k, f in files if Schedule.load(f).num_steps == args.steps]
+        # a `steps` schedule is a dense rollout of fewer steps: timed as one, against the dense --steps rollout;
+        # schedules of other runs made for other step counts are left out
+        loaded = [(Path(f).stem, Schedule.load(f)) for _, f in files]
+        loaded = [(k, sc) for k, sc in loaded if sc.num_steps == args.steps or sc.meta.get("method") == "steps"]
         for mode in args.modes.split(","):
-            runs = [("dense", None)] + [(Path(f).stem, Schedule.load(f)) for _, f in files]
+            runs = [("dense", None)] + loaded
             dense_ms = None
             for label, schedule in runs:
-                r = time_rollout(model, schedule, steps=args.steps, sampler="ddim", batch=1, cfg=True, guidance_scale=2.0,
+                fewer = schedule is not None and schedule.meta.get("method") == "steps"
+                r = time_rollout(model, None if fewer else schedule, steps=schedule.num_steps if fewer else args.steps,
+                                 sampler="ddim", batch=1, cfg=True, guidance_scale=2.0,
                                  mode=mode, repeats=args.repeats, warmup=2)
+                if fewer:
+                    r["macs_ideal_speedup"] = args.steps / schedule.num_steps
                 dense_ms = dense_ms or r["median_ms"]
                 row = {"model": name, "mode": mode, "schedule": label, "median_ms": r["median_ms"],
                        "speedup": dense_ms / r["median_ms"], "speedup_ideal": r.get("macs_ideal_speedup"),
