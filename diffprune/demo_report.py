@@ -138,8 +138,9 @@ def reading(results: dict) -> list[str]:
     if ratios:
         env = results["environment"]
         text = (f"Measured speedups are {min(ratios):.0%} to {max(ratios):.0%} of the MACs speedups on this "
-                f"{env.get('gpu') or env['device']}" + (": MACs leave out the sampler's own work, CFG arithmetic and the schedule "
-                                      "runtime." if max(ratios) <= 1 else "."))
+                f"{env.get('gpu') or env['device']}")
+        text += (": MACs leave out the sampler's own work, CFG arithmetic and the schedule runtime."
+                 if max(ratios) <= 1 else ".")
         loads = [x for x in (env.get("load_average_start"), env.get("load_average_end")) if x is not None]
         if env["device"] == "cpu" and loads and max(loads) > (env.get("cpu_count") or 1):
             text += (f" The CPU load average reached {max(loads):g} on {env.get('cpu_count')} cores during the run: "
