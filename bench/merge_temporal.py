@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Merge the rows of several bench/temporal_fmnist.py result files into one Markdown table per model.
-  python3 bench/merge_temporal.py bench/results/temporal_fmnist/run1 bench/results/temporal_fmnist/run2"""
+  python3 bench/merge_temporal.py bench/results/temporal_fmnist/run1 bench/results/temporal_fmnist/run2 \
+      bench/results/temporal_fmnist/run5-dit50-0.70
+A run without a model's results (a later call for a few rows of one model) is skipped for that model."""
 import json
 import sys
 from pathlib import Path
@@ -18,6 +20,8 @@ def fmt(v, f):
 for model in ("fmnist-unet", "fmnist-dit"):
     rows, dense, info = [], None, None
     for run in sys.argv[1:]:
+        if not (Path(run) / model / "results.json").exists():
+            continue
         r = json.loads((Path(run) / model / "results.json").read_text())
         info = info or r
         for row in r["rows"]:

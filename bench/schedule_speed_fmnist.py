@@ -43,12 +43,18 @@ def main():
     rows = []
     for name in args.models.split(","):
         model = zoo.load_model(name).to(args.device).float().eval()
-        files = sorted({Path(f).name: f for f in glob.glob(str(ROOT / "run*" / name / "schedules" / "*.json"))
-                        if Path(f).name.split("_")[0] in args.methods.split(",")}.items())
         # a `steps` schedule is a dense rollout of fewer steps: timed as one, against the dense --steps rollout;
-        # schedules of other runs made for other step counts are left out
-        loaded = [(Path(f).stem, Schedule.load(f)) for _, f in files]
-        loaded = [(k, sc) for k, sc in loaded if sc.num_steps == args.steps or sc.meta.get("method") == "steps"]
+        # schedules made for other step counts (runs share file names) are left out before names are deduplicated
+        loaded = {}
+        for f in sorted(glob.glob(str(ROOT / "run*" / name / "schedules" / "*.json"))):
+            if Path(f).name.split("_")[0] not in args.methods.split(","):
+                continue
+            sc = Schedule.load(f)
+            fewer = sc.meta.get("method") == "steps"
+            made_for = sc.meta.get("reference_steps", sc.num_steps) if fewer else sc.num_steps
+            if made_for == args.steps:
+                loaded[Path(f).stem] = sc
+        loaded = sorted(loaded.items())
         for mode in args.modes.split(","):
             runs = [("dense", None)] + loaded
             dense_ms = None

@@ -43,6 +43,7 @@ except ImportError:
     sys.exit("diffusers is not installed here; on the GPU machine install the carried wheels first (see docstring)")
 
 from diffprune import zoo  # noqa: E402
+from diffprune.errors import DiffpruneError  # noqa: E402
 from diffprune.evaluate import evaluate, format_table, generate_set  # noqa: E402
 from diffprune.models import build_graph  # noqa: E402
 from diffprune.sampling import rollout_length  # noqa: E402
@@ -71,6 +72,7 @@ def main():
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--state", help="resumable pruner training state (default runs/temporal/MODEL.state.safetensors,"
                                      " git-ignored: a second call on a warm machine resumes or reuses it)")
+    ap.add_argument("--checkpoint-every", type=int, default=20, help="iterations between saves of --state")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--optimizer", default="sgd")
     ap.add_argument("--lr", type=float)
@@ -105,7 +107,9 @@ def main():
         atomic_write_text(out / "results.json", json.dumps(doc, indent=1))
         head = (f"# DiP-GO vs baselines: {args.model}, {args.sampler} {args.steps} steps, CFG {args.cfg}, "
                 f"{args.granularity} units, {args.n} samples\n\n{info['device']}, torch {torch.__version__}\n\n")
-        atomic_write_text(out / "results.md", head + format_table(rows, COLUMNS) + "\n")
+        notes = "".join(f"\n{u['method']} {u['target']:.2f}: not reachable ({u['reason']})\n"
+                        for u in info.get("unreachable", []))
+        atomic_write_text(out / "results.md", head + format_table(rows, COLUMNS) + "\n" + notes)
 
     def add(method, target, sched, search_s):
         if sched is not None:
@@ -139,7 +143,8 @@ def main():
         dipgo = train_pruner(model, target=args.train_target, num_steps=args.steps, sampler=args.sampler,
                              graph=graph, iterations=args.iterations, batch_size=args.batch_size,
                              optimizer=args.optimizer, lr=args.lr, dim=args.dim, encoder=not args.no_encoder,
-                             guidance_scale=args.cfg, state_path=state, checkpoint_every=20, progress=True)
+                             guidance_scale=args.cfg, state_path=state, checkpoint_every=args.checkpoint_every,
+                             progress=True)
         info["dipgo_train_s"] = time.time() - t0
         dipgo.save_pruner(out / "pruner.safetensors")
         buf = io.StringIO()
@@ -165,7 +170,13 @@ def main():
                                             meta=baselines.describe(table, graph, method="step-reuse-uniform",
                                                                     target_ratio=ratio))
             else:
-                sched = search_schedule(model, method, ratio=ratio, **search)
+                try:
+                    sched = search_schedule(model, method, ratio=ratio, **search)
+                except DiffpruneError as e:  # e.g. DeepCache's cap below the target: say so, go on with the table
+                    info.setdefault("unreachable", []).append({"method": method, "target": ratio, "reason": str(e)})
+                    print(f"{method} {ratio}: {e}", flush=True)
+                    write()
+                    continue
             add(method, ratio, sched, time.time() - t0)
     write()
 

@@ -218,3 +218,14 @@ def test_deepcache_refuses_a_ratio_it_cannot_reach():
     with pytest.raises(DiffpruneError, match="cannot reach"):
         deepcache_table(graph, 20, ratio=min(0.99, cap + 0.05))
     assert abs(pruned_ratio(deepcache_table(graph, 20, ratio=cap), graph) - cap) < 1e-9
+
+
+def test_deepcache_on_a_model_with_too_few_units_says_why():
+    from diffprune.errors import DiffpruneError
+    from diffprune.models import build_graph
+    from diffprune.schedule.baselines import deepcache_row
+    from diffprune.zoo import build
+    graph = build_graph(build("tiny-dit"))  # two transformer blocks: nothing between a first and a last unit
+    assert graph.n_units == 2
+    with pytest.raises(DiffpruneError, match="at least 3 units"):
+        deepcache_row(graph, 1)

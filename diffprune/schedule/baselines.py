@@ -73,6 +73,9 @@ def best_full_count(graph: UnitGraph, n_calls: int, cheap_row, ratio: float) -> 
 
 def deepcache_row(graph: UnitGraph, depth: int = 1) -> np.ndarray:
     """The partial step of DeepCache: keep the first and last `depth` units (the shallow branch)."""
+    if graph.n_units < 3:  # no deep part to cache between a first and a last unit
+        raise DiffpruneError(f"DeepCache needs at least 3 units (a shallow branch around cached deep ones); this "
+                             f"model has {graph.n_units} {graph.granularity} units: try a finer granularity")
     if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1 or 2 * depth >= graph.n_units:
         raise DiffpruneError(f"depth must be an integer from 1 to {(graph.n_units - 1) // 2} for this model's "
                              f"{graph.n_units} {graph.granularity} units, got {depth!r}")
