@@ -437,7 +437,8 @@ def _comparisons(variants, art, s: DemoSettings) -> list[dict]:
     pairs = [(level, a, b) for level, group in groups.items() for i, a in enumerate(group) for b in group[i + 1:]]
     by_key = {v["key"]: v for v in variants if v["available"]}
     # across levels: structural pruning against dense, and what a schedule costs the pruned model
-    pairs += [(None, by_key["pruned"], v) for v in variants if v["available"] and v["method"] in ("dense", "pruned+dipgo")]
+    pairs += [(None, by_key["pruned"], v) for v in variants
+              if v["available"] and v["method"] in ("dense", "pruned+dipgo")]
     for level, a, b in pairs:
         fa, fb = art["features"][a["key"]], art["features"][b["key"]]
         fd_diffs = [_fd(fa[idx], ref) - _fd(fb[idx], ref) for idx in art["resamples"]]
@@ -478,6 +479,7 @@ def timestep_curve(model, s: DemoSettings) -> dict:
     import torch
 
     from .structural.timesteps import alphas_cumprod_for, should_stop
+    from .train import add_noise
     meta = _pruned_meta()
     threshold, threshold_source = pruned_threshold(meta)
     recorded = meta.get("timesteps")
@@ -505,13 +507,12 @@ def timestep_curve(model, s: DemoSettings) -> dict:
     with torch.inference_mode():
         for i in range(0, len(ts), per_call):
             chunk = ts[i:i + per_call]
-            a = acp[torch.tensor(chunk, device=p.device)].repeat_interleave(len(x0)).view(-1, 1, 1, 1)
-            x = torch.cat([x0] * len(chunk)), torch.cat([noise] * len(chunk))
-            x_t = (a.sqrt() * x[0] + (1 - a).sqrt() * x[1]).to(p.dtype)
             tt = torch.tensor(chunk, device=p.device).repeat_interleave(len(x0))
+            eps = torch.cat([noise] * len(chunk))
+            x_t = add_noise(torch.cat([x0] * len(chunk)), eps, tt, acp).to(p.dtype)
             cond = {"class_labels": torch.cat([labels] * len(chunk)).to(p.device)} if labels is not None else {}
             pred = adapter.predict_noise(model, x_t, tt, cond).float()
-            err = ((pred - x[1].float()) ** 2).flatten(1).mean(1).view(len(chunk), len(x0)).mean(1)
+            err = ((pred - eps.float()) ** 2).flatten(1).mean(1).view(len(chunk), len(x0)).mean(1)
             losses += [float(e) for e in err]
     stop_t, stop_after, running = None, None, -np.inf
     for k, (t, loss) in enumerate(zip(ts, losses)):

@@ -40,7 +40,8 @@ def cell(v: dict, key: str, fmt: str) -> str:
 
 
 def table(variants: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    lines = ["| " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
     for v in variants:
         if v["available"]:
             cells = [cell(v, k, f) for k, _, f in TABLE_COLUMNS]

@@ -159,6 +159,15 @@ def test_loss_curve_is_computed_when_the_artifact_records_none(monkeypatch):
     assert losses[0] > losses[-1] > 0  # noise prediction gets easier as t grows
     k = curve["timesteps"].index(curve["stop_t"]) if curve["stop_t"] is not None else len(losses)
     assert all(not should_stop(losses[i], max(losses[:i + 1]), 0.05) for i in range(k))
+    # the same loss as Diff-Pruning's own walk over the same images and noise; a threshold of 0.9 ends that walk
+    # (a backward pass per timestep) within a few steps, so t = 0 is what is compared
+    from diffprune.structural.calibration import fashion_mnist_batch
+    from diffprune.structural.timesteps import accumulate_gradients, alphas_cumprod_for
+    model = load_model(demo.DENSE_MODEL).eval()
+    batch = fashion_mnist_batch(model, s.curve_batch, seed=s.seed)
+    walk = accumulate_gradients(model, batch.images, batch.cond, 0.9, alphas_cumprod=alphas_cumprod_for(model),
+                                seed=s.seed, progress=False).losses
+    assert curve["timesteps"][0] == 0 and losses[0] == pytest.approx(walk[0], rel=1e-4)
 
 
 def test_the_reading_trusts_measured_speedups_by_the_repeats_agreement():

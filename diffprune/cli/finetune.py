@@ -24,7 +24,9 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, help="optimisation steps (default: `diffprune train`'s finetune default)")
     p.add_argument("--batch-size", type=int, help="global batch size (default 128, as in the paper)")
     p.add_argument("--lr", type=float, help="constant learning rate (default 2e-4)")
-    p.add_argument("--ema-decay", type=float, help="EMA decay (default: the paper's 0.9999 on its 100K-step run, scaled to an average over the last tenth of shorter runs: min(0.9999, 1 - 10 / steps))")
+    p.add_argument("--ema-decay", type=float,
+                   help="EMA decay (default: the paper's 0.9999 on its 100K-step run, scaled to an average over the "
+                        "last tenth of shorter runs: min(0.9999, 1 - 10 / steps))")
     p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (default 1.0)")
     p.add_argument("--distill", action="store_true",
                    help="distil from the dense model recorded in PRUNED (or --teacher)")

@@ -284,7 +284,8 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     noise. optimizer "sgd" (weight decay, no momentum: the released recipe; lr 0.1 at 50 steps, see default_lr)
     or "adamw" (lr 1e-3; it normalises gradients, so every cell moves at the same speed and gamma only sets the
     sign); cosine decay after `warmup` linear warm-up iterations; gradient norm clipped to grad_clip. The pruner
-    is fp32 whatever the model's precision. checkpoint: recompute each denoiser call in the backward pass (activation checkpointing per step).
+    is fp32 whatever the model's precision. checkpoint: recompute each denoiser call in the backward pass
+    (activation checkpointing per step).
     state_path: a .safetensors file the pruner and optimizer state are saved to every checkpoint_every iterations
     and at the end; if it exists, training resumes from it.
 

@@ -16,7 +16,8 @@ CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
 # shipped models with no config of their own (pruned models: their widths live in the checkpoint's JSON)
 SHIPPED_ONLY = {
-    "fmnist-unet-dp30": "fmnist-unet pruned by Diff-Pruning (ratio 0.3, T=0.05), fine-tuned 1200 steps (shipped; FD-FMNIST 0.86 vs dense 1.01)",
+    "fmnist-unet-dp30": "fmnist-unet pruned by Diff-Pruning (ratio 0.3, T=0.05), fine-tuned 1200 steps "
+                        "(shipped; FD-FMNIST 0.86 vs dense 1.01)",
 }
 
 
