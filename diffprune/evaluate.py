@@ -46,6 +46,9 @@ def generate_set(model, n: int, *, num_steps: int = 50, sampler: str = "ddim", g
                              "(sampling.generate) with a CLIP score, see README")
     if conditional and labels is None:
         labels = balanced_labels(n, adapter.num_classes(model))
+    if schedule is not None:
+        schedule.check(sampler=sampler, num_steps=num_steps)
+    grid = schedule.grid if schedule is not None else None
     out = []
     start = time.perf_counter()
     with _schedule_ctx(model, schedule):
@@ -54,7 +57,7 @@ def generate_set(model, n: int, *, num_steps: int = 50, sampler: str = "ddim", g
             noise = make_noise(model, m, seed=seed + b)
             lab = labels[i:i + m].to(noise.device) if labels is not None else None
             out.append(sample(model, num_steps, sampler, labels=lab, noise=noise, guidance_scale=guidance_scale,
-                              seed=seed + b).cpu())
+                              seed=seed + b, grid=grid).cpu())
     if next(model.parameters()).is_cuda:
         torch.cuda.synchronize()
     return torch.cat(out), labels, time.perf_counter() - start
@@ -66,13 +69,12 @@ def macs_summary(model, *, num_steps: int, sampler: str, schedule=None, guidance
     graph = build_graph(model, granularity)
     calls = rollout_length(sampler, num_steps)
     if schedule is not None:
-        if schedule.table.shape[0] != calls:
-            raise DiffpruneError(f"the schedule has {schedule.table.shape[0]} steps but a {sampler} rollout of "
-                                 f"{num_steps} steps makes {calls} denoiser calls")
-        total = graph.schedule_macs(schedule.table)
+        schedule.check(graph, sampler=sampler, num_steps=num_steps)
+        total = schedule.macs(graph)
     else:
         total = graph.total_macs * calls
-    return {"macs_per_call_dense": graph.total_macs, "calls": calls, "macs_total": int(total),
+    return {"macs_per_call_dense": graph.total_macs, "calls": calls,
+            "denoiser_calls": schedule.n_calls if schedule is not None else calls, "macs_total": int(total),
             "macs_ratio": total / (graph.total_macs * calls), "params": count_params(model)}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 
 import torch
@@ -16,6 +17,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from tqdm.auto import tqdm
 
 from .errors import DiffpruneError
+from .grid import Grid, set_grid
 from .models import get_adapter
 from .util import denoiser_of, positive_int
 
@@ -27,11 +29,17 @@ _TRAINING_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.
                           prediction_type="epsilon")
 
 
+def canonical_sampler(name: str) -> str:
+    """The sampler's name in SAMPLERS (aliases such as "pndm" resolved; case ignored)."""
+    key = str(name).lower()
+    return _ALIASES.get(key, key)
+
+
 def make_scheduler(name: str, config: dict | None = None):
     """A fresh diffusers scheduler for sampler `name`. config None: the DDPM training schedule of this project's
     pixel models; else a pipeline's scheduler config (its betas and timestep spacing are kept)."""
     import diffusers
-    key = _ALIASES.get(str(name).lower(), str(name).lower())
+    key = canonical_sampler(name)
     classes = {"ddpm": (diffusers.DDPMScheduler, {}), "ddim": (diffusers.DDIMScheduler, {}),
                "plms": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
                "dpm-solver++": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
@@ -51,8 +59,7 @@ def make_scheduler(name: str, config: dict | None = None):
 def rollout_length(sampler, num_steps: int, config=None) -> int:
     """Denoiser calls in one rollout of `num_steps` steps (PLMS makes one more call than it has steps)."""
     sched = make_scheduler(sampler, config) if isinstance(sampler, str) else copy.deepcopy(sampler)
-    _set_timesteps(sched, num_steps)
-    return len(sched.timesteps)
+    return len(set_grid(sched, positive_int(num_steps, "num_steps")).timesteps)
 
 
 def make_noise(model, batch: int, seed: int = 0, height=None, width=None) -> torch.Tensor:
@@ -70,8 +77,8 @@ def notify_rollout_start(model, n_calls: int):
 def sample(model, num_steps: int = 50, sampler: str = "ddim", *, labels=None, batch: int | None = None,
            cond: dict | None = None, uncond: dict | None = None, guidance_scale: float = 1.0, seed: int = 0,
            noise: torch.Tensor | None = None, height: int | None = None, width: int | None = None,
-           scheduler=None, eta: float = 0.0, differentiable: bool = False, checkpoint: bool = True,
-           progress: bool = False) -> torch.Tensor:
+           scheduler=None, eta: float = 0.0, grid: Grid | None = None, differentiable: bool = False,
+           checkpoint: bool = True, progress: bool = False) -> torch.Tensor:
     """Run one rollout of a bare denoiser and return the final sample (float32): pixel models (1 or 3 input
     channels) clamped to [-1, 1], latent models as latents.
 
@@ -79,6 +86,8 @@ def sample(model, num_steps: int = 50, sampler: str = "ddim", *, labels=None, ba
     cond / uncond: model kwargs of a text model (see encode_prompts); uncond is needed when guidance_scale > 1.
     guidance_scale > 1 turns on classifier-free guidance (as in diffusers pipelines, 1 means none).
     scheduler: a diffusers scheduler (it is copied, never mutated); overrides `sampler`.
+    grid: the timesteps to visit and the visits that reuse the previous prediction (diffprune.grid.Grid; a grid
+    schedule's `schedule.grid`); None runs the sampler's own num_steps grid, calling the denoiser at every step.
     seed: one CPU generator draws the initial noise (unless `noise` is given) and then any step noise (DDPM, LCM),
     so the rollout is reproducible and, for Stable Diffusion, equal to pipe(generator=Generator().manual_seed(seed)).
     differentiable: gradients flow through the whole rollout; checkpoint=True recomputes each denoiser call in
@@ -86,6 +95,60 @@ def sample(model, num_steps: int = 50, sampler: str = "ddim", *, labels=None, ba
     model._diffprune_recompute_step holds its step index (None otherwise), so stateful hooks can replay that step.
     The model's train/eval mode is left as the caller set it.
     """
+    plan = plan_rollout(model, num_steps, sampler, labels=labels, batch=batch, cond=cond, uncond=uncond,
+                        guidance_scale=guidance_scale, seed=seed, noise=noise, height=height, width=width,
+                        scheduler=scheduler, eta=eta, grid=grid)
+    sched, reuse = plan.scheduler, plan.reuse
+    x = _noise(model, plan.batch, plan.generator, height, width) if noise is None else noise.to(plan.device,
+                                                                                               torch.float32)
+    x = x * sched.init_noise_sigma  # the scheduler runs in float32 whatever the model's dtype
+
+    def denoise(x_in, t_in):
+        return plan.adapter.predict_noise(model, x_in.to(plan.dtype), t_in, plan.model_cond).float()
+
+    calls = iter(range(len(reuse)))
+
+    def predict(i, x_in, t):
+        t_in = t.to(plan.device).expand(x_in.shape[0])
+        if differentiable and checkpoint:
+            # the scheduler step stays outside: schedulers keep state and must step exactly once
+            c = next(calls)  # the runtime's step index counts denoiser calls, not visits
+            return _checkpoint(denoise, x_in, t_in, use_reentrant=False,
+                               context_fn=lambda: (contextlib.nullcontext(), _recomputing(model, c)))
+        return denoise(x_in, t_in)
+
+    notify_rollout_start(model, plan.n_calls)
+    with torch.enable_grad() if differentiable else torch.no_grad():
+        x = run_loop(sched, x, predict, reuse=reuse, guidance_scale=plan.guidance_scale,
+                     step_kwargs=plan.step_kwargs, progress=progress)
+    return finish(model, x)
+
+
+@dataclasses.dataclass
+class RolloutPlan:
+    """Everything a rollout needs besides its initial noise: shared by sample() and captured rollouts."""
+    adapter: object
+    device: torch.device
+    dtype: torch.dtype
+    scheduler: object        # a fresh scheduler set to the rollout's grid
+    reuse: tuple             # per visit: step with the previous prediction instead of calling the denoiser
+    model_cond: dict         # the denoiser's conditioning kwargs ([uncond; cond] under guidance)
+    batch: int
+    guidance_scale: float
+    step_kwargs: dict
+    generator: torch.Generator
+
+    @property
+    def n_calls(self) -> int:
+        return len(self.reuse) - sum(self.reuse)
+
+
+def plan_rollout(model, num_steps: int, sampler: str = "ddim", *, labels=None, batch=None, cond=None, uncond=None,
+                 guidance_scale: float = 1.0, seed: int = 0, noise=None, height=None, width=None, scheduler=None,
+                 eta: float = 0.0, grid: Grid | None = None, timestep_device="model") -> RolloutPlan:
+    """Check the arguments of a rollout (see sample()) and set up its scheduler and conditioning.
+    timestep_device: where the scheduler's timesteps live ("model": the model's device; None: the CPU, which a
+    captured rollout needs so that the scheduler never reads GPU memory from Python)."""
     adapter = get_adapter(model)
     positive_int(num_steps, "num_steps")
     guidance_scale = float(guidance_scale)
@@ -102,36 +165,36 @@ def sample(model, num_steps: int = 50, sampler: str = "ddim", *, labels=None, ba
     sched = copy.deepcopy(scheduler) if scheduler is not None else make_scheduler(sampler)
     if eta and "eta" not in inspect.signature(sched.step).parameters:
         raise DiffpruneError(f"eta only applies to the ddim sampler, not {type(sched).__name__}; leave it at 0")
-    _set_timesteps(sched, num_steps, device)
+    sched = set_grid(sched, num_steps, grid.timesteps if grid else None,
+                     device if timestep_device == "model" else timestep_device)
+    reuse = (grid or Grid()).reuse_flags(len(sched.timesteps))
     guided = guidance_scale > 1.0
     cond, uncond, n = _conditioning(adapter, model, labels, cond, uncond, guided, batch, noise, device, dtype)
-
     gen = torch.Generator().manual_seed(seed)
-    x = _noise(model, n, gen, height, width) if noise is None else noise.to(device, torch.float32)
-    x = x * sched.init_noise_sigma  # the scheduler runs in float32 whatever the model's dtype
-    step_kwargs = _step_kwargs(sched, eta, gen)
-    model_cond = _cat(uncond, cond) if guided else cond
+    return RolloutPlan(adapter=adapter, device=device, dtype=dtype, scheduler=sched, reuse=reuse,
+                       model_cond=_cat(uncond, cond) if guided else cond, batch=n, guidance_scale=guidance_scale,
+                       step_kwargs=_step_kwargs(sched, eta, gen), generator=gen)
 
-    def denoise(x_in, t_in):
-        return adapter.predict_noise(model, x_in.to(dtype), t_in, model_cond).float()
 
-    notify_rollout_start(model, len(sched.timesteps))
-    with torch.enable_grad() if differentiable else torch.no_grad():
-        for i, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False)):
-            x_in = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            t_in = t.to(device).expand(x_in.shape[0])
-            if differentiable and checkpoint:
-                # the scheduler step stays outside: schedulers keep state and must step exactly once
-                eps = _checkpoint(denoise, x_in, t_in, use_reentrant=False,
-                                  context_fn=lambda i=i: (contextlib.nullcontext(), _recomputing(model, i)))
-            else:
-                eps = denoise(x_in, t_in)
+def finish(model, x: torch.Tensor) -> torch.Tensor:
+    """The final sample as sample() returns it."""
+    # 1- or 3-channel inputs are images in [-1, 1]; latent spaces (4 channels and up) are left unclamped
+    return x.clamp(-1, 1) if model.config.in_channels in (1, 3) else x
+
+
+def run_loop(sched, x, predict, *, reuse, guidance_scale: float, step_kwargs: dict, progress: bool = False):
+    """The sampler loop shared by sample() and captured rollouts (capture.py). predict(i, x_in, t) returns the
+    denoiser output for visit i; visits with reuse[i] step with the previous (guided) prediction instead."""
+    guided = guidance_scale > 1.0
+    eps = None
+    for i, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False)):
+        if not reuse[i]:
+            eps = predict(i, sched.scale_model_input(torch.cat([x, x]) if guided else x, t), t)
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            x = sched.step(eps, t, x, **step_kwargs, return_dict=False)[0]
-    # 1- or 3-channel inputs are images in [-1, 1]; latent spaces (4 channels and up) are left unclamped
-    return x.clamp(-1, 1) if model.config.in_channels in (1, 3) else x
+        x = sched.step(eps, t, x, **step_kwargs, return_dict=False)[0]
+    return x
 
 
 # ----- Stable Diffusion pipelines ----------------------------------------------------------------------------
@@ -163,7 +226,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 def generate(pipe, prompts, num_steps: int = 50, sampler: str | None = None, guidance_scale: float = 7.5,
              seed: int = 0, height: int | None = None, width: int | None = None, differentiable: bool = False,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, grid: Grid | None = None) -> torch.Tensor:
     """Text-to-image with a Stable Diffusion pipeline through sample(): images (B, 3, H, W) in [0, 1].
 
     sampler None uses the pipeline's own scheduler; a name builds that sampler from the pipeline's scheduler config.
@@ -183,20 +246,12 @@ def generate(pipe, prompts, num_steps: int = 50, sampler: str | None = None, gui
         cond, uncond = encode_prompts(pipe, prompts)
     latents = sample(unet, num_steps, cond=cond, uncond=uncond, guidance_scale=guidance_scale, seed=seed,
                      height=height // f, width=width // f, scheduler=sched, differentiable=differentiable,
-                     progress=progress)
+                     progress=progress, grid=grid)
     with torch.set_grad_enabled(differentiable):
         return decode_latents(pipe, latents)
 
 
 # ----- helpers -----------------------------------------------------------------------------------------------
-
-def _set_timesteps(sched, num_steps, device=None):
-    positive_int(num_steps, "num_steps")
-    try:
-        sched.set_timesteps(num_steps, device=device)
-    except ValueError as e:  # e.g. more steps than training timesteps, LCM beyond its original steps
-        raise DiffpruneError(f"{type(sched).__name__} cannot run {num_steps} steps: {e}") from e
-
 
 def _noise(model, batch, generator, height, width):
     shape = (batch, *get_adapter(model).sample_shape(model, height, width))

@@ -126,7 +126,7 @@ def test_cli_prints_a_table_and_writes_json_atomically(dit, tmp_path, capsys):
                "2", "--warmup", "0", "--mode", "eager,static", "--device", "cpu", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0
-    assert "rollout schedule" in text and "MACs ideal" in text
+    assert "rollout schedule" in text and "tp ideal" in text and "FLOPs that run" in text
     doc = json.loads(out.read_text())
     assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temporary files left
     rows = doc["results"]

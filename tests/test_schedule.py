@@ -57,7 +57,7 @@ def test_plms_keep_all_has_one_more_call(unet):
 @pytest.mark.parametrize("damage, message", [
     (lambda t: "{not json", "corrupt JSON"),
     (lambda t: t.replace('"diffprune-schedule"', '"something-else"'), "not a diffprune schedule"),
-    (lambda t: t.replace('"version": 1', '"version": 7'), "version 7"),
+    (lambda t: t.replace('"version": 2', '"version": 7'), "version 7"),
     (lambda t: t.replace('"11111"', '"1111"', 1), "different lengths|columns"),
     (lambda t: t.replace('"11111"', '"10x11"', 1), "strings of 0/1"),
     (lambda t: t.replace('"n_calls": 8', '"n_calls": 9'), "8 rows but n_calls is 9"),
@@ -137,7 +137,9 @@ def test_step_reuse_and_fewer_steps_hit_the_ratio(sd):
         assert abs(pruned_ratio(t, graph) - ratio) < 0.0125
         assert collapse_report(t, graph)["collapsed"]
     sched = baselines.fewer_steps_schedule(graph, 50, 0.6, sampler="ddim", model=model)
-    assert sched.num_steps == 20 and sched.table.all() and sched.meta["pruned_ratio"] == pytest.approx(0.6)
+    # a grid schedule of the 50-step rollout that visits the sampler's own 20-step grid
+    assert sched.num_steps == 50 and sched.n_calls == 20 and sched.meta["steps"] == 20 and sched.table.all()
+    assert sched.timesteps == list(range(950, -1, -50)) and sched.meta["pruned_ratio"] == pytest.approx(0.6)
     assert baselines.fewer_steps_count("plms", 50, 0.5) == 25  # (25 + 1) / (50 + 1) calls
 
 
@@ -146,12 +148,12 @@ def test_searches_respect_the_budget_and_the_ratio(unet, method):
     model, graph = unet
     sched = search_schedule(model, method, ratio=0.5, steps=6, graph=graph, budget=5, n_samples=2,
                             progress=False)
-    assert sched.n_calls == 6 and sched.table[0].all()
+    assert sched.n_visits == 6 and sched.table[0].all()
     assert 0 < sched.meta["evaluations"] <= 5 and -1 <= sched.meta["ssim"] <= 1
     assert sched.meta["pruned_ratio"] == pytest.approx(sched.pruned_ratio(graph))
     assert abs(sched.meta["pruned_ratio"] - 0.5) < 0.1  # 6 calls: coarse jumps
-    if method == "step-reuse":
-        assert sched.meta["collapse"]["collapsed"]
+    if method == "step-reuse":  # a grid: the denoiser runs at the full steps, the other visits reuse
+        assert sched.n_calls == len(sched.meta["full_steps"]) and sum(sched.reuse) == 6 - sched.n_calls
 
 
 def test_searched_ssim_is_the_ssim_of_running_the_schedule(unet):

@@ -7,8 +7,9 @@ from ..errors import DiffpruneError
 
 
 def add_sampling_args(p, steps: int = 50, cfg: float = 2.0):
-    p.add_argument("--steps", type=int, default=steps, help=f"sampler steps (default {steps})")
-    p.add_argument("--sampler", default="ddim", help="ddim, ddpm, plms, dpm-solver++ or lcm (default ddim)")
+    p.add_argument("--steps", type=int, help=f"sampler steps (default: the --schedule's, else {steps})")
+    p.add_argument("--sampler", help="ddim, ddpm, plms, dpm-solver++ or lcm (default: the --schedule's, else ddim)")
+    p.set_defaults(default_steps=steps)
     p.add_argument("--cfg", type=float, default=cfg, dest="guidance_scale",
                    help=f"classifier-free guidance scale, 1 = none (default {cfg})")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
@@ -40,3 +41,15 @@ def load_schedule(path):
         return None
     from ..schedule import Schedule
     return Schedule.load(path)
+
+
+def resolve_rollout(args, schedule):
+    """--steps and --sampler default to the schedule's (else 50 / ddim); a schedule made for another sampler or
+    step count is refused with a message."""
+    from ..util import positive_int
+    args.steps = args.steps if args.steps is not None else (
+        schedule.num_steps if schedule is not None else getattr(args, "default_steps", 50))
+    args.sampler = args.sampler or (schedule.sampler if schedule is not None else "ddim")
+    positive_int(args.steps, "--steps")
+    if schedule is not None:
+        schedule.check(sampler=args.sampler, num_steps=args.steps)

@@ -9,10 +9,11 @@ def add_parser(sub):
         "bench", help="time a denoiser (per call and whole rollouts), dense and under a schedule",
         description="Time MODEL: one denoiser call, and whole sampler rollouts (scheduler steps included), dense "
                     "and, with --schedule, under the schedule; report median/p10/p90 ms, the measured speedup next "
-                    "to the MACs ideal, and peak memory. On a GPU the default modes are 'graph' (the denoiser "
-                    "captured as CUDA graphs, one per distinct step pattern of the schedule: eager PyTorch is "
-                    "launch-bound on fast GPUs, so compare dense and pruned captured) and 'eager' beside it; on a "
-                    "CPU, eager wall time.")
+                    "to the ideal (FLOPs that run, attention included; torch-pruning's MACs convention beside it), "
+                    "and peak memory. On a GPU the default modes are 'capture' (the whole rollout, sampler and "
+                    "guidance arithmetic included, as one CUDA graph) and 'graph' (the denoiser captured once per "
+                    "distinct step pattern, the sampler eager): eager PyTorch is launch-bound on fast GPUs, so "
+                    "compare dense and pruned captured; on a CPU, eager wall time.")
     p.add_argument("model", help="zoo name (e.g. sd15, dit-xl-2, fmnist-unet) or local diffusers model/pipeline "
                                  "directory")
     p.add_argument("--schedule", help="a schedule JSON (diffprune search): also time rollouts under it")
@@ -27,8 +28,9 @@ def add_parser(sub):
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                    help="model precision (default fp16 on cuda, fp32 on cpu)")
     p.add_argument("--device", help="cpu or cuda (default cuda when available)")
-    p.add_argument("--mode", help="comma-separated: graph (CUDA graphs), eager, static (the graph path without "
-                                  "capture) (default graph,eager on cuda, eager on cpu)")
+    p.add_argument("--mode", help="comma-separated: capture (whole rollout as one CUDA graph), graph (one CUDA graph "
+                                  "per step pattern), eager, static (the graph path without capture) (default "
+                                  "capture,graph on cuda, eager on cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed rollouts per setting (default 5)")
     p.add_argument("--call-repeats", type=int, default=30, help="timed single calls (default 30)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rollouts before timing (default 1)")
@@ -59,12 +61,13 @@ def run(args):
         raise DiffpruneError(f"--warmup must be >= 0, got {args.warmup}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    modes = [m.strip() for m in (args.mode or ("graph,eager" if device.startswith("cuda") else "eager")).split(",")]
+    modes = [m.strip() for m in (args.mode or ("capture,graph" if device.startswith("cuda") else "eager")).split(",")]
     for m in modes:
         if m not in latency.MODES:
             raise DiffpruneError(f"unknown --mode {m!r}; choose from {', '.join(latency.MODES)}")
-    if "graph" in modes and not device.startswith("cuda"):
-        raise DiffpruneError("--mode graph captures CUDA graphs and needs --device cuda; use --mode eager on a CPU")
+    if {"graph", "capture"} & set(modes) and not device.startswith("cuda"):
+        raise DiffpruneError("--mode graph/capture capture CUDA graphs and need --device cuda; use --mode eager on a "
+                             "CPU")
     if args.no_dense and not args.schedule:
         raise DiffpruneError("--no-dense needs --schedule (otherwise there is nothing to time)")
 
@@ -79,18 +82,20 @@ def run(args):
                    warmup=args.warmup, scheduler_config=scheduler_config)
 
     # the unit graph (MACs, data flow, step patterns) is traced once and shared by every measurement
-    graph = build_graph(model, schedule.granularity if schedule is not None else "coarse",
-                        height=args.height, width=args.width)
+    granularity = schedule.granularity if schedule is not None else "coarse"
+    graph = build_graph(model, granularity, height=args.height, width=args.width)
+    run_graph = build_graph(model, granularity, height=args.height, width=args.width, include_attention=True)
     jobs = []  # (label, thunk), run under one progress bar
     for mode in modes:
-        if not args.no_call:
+        if not args.no_call and mode != "capture":
             jobs.append((f"{mode} call", lambda mode=mode: latency.time_denoiser_call(
                 model, **common, mode=mode, repeats=args.call_repeats)))
         runs = ([None] if not args.no_dense else []) + ([schedule] if schedule is not None else [])
         for sched in runs:
             jobs.append((f"{mode} rollout {'schedule' if sched is not None else 'dense'}",
                          lambda mode=mode, sched=sched: latency.time_rollout(
-                             model, sched, **rollout, mode=mode, graph=graph, strict=not args.no_strict)))
+                             model, sched, **rollout, mode=mode, graph=graph, run_graph=run_graph,
+                             strict=not args.no_strict)))
     results = []
     with tqdm(jobs, desc="bench", unit="run", leave=False) as bar:
         for label, job in bar:

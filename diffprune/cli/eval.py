@@ -24,12 +24,12 @@ def run(args):
 
     from ..evaluate import METRIC_COLUMNS, evaluate, format_table
     from ..util import atomic_write_text, denoiser_of, positive_int
-    from ._common import load_for_sampling, load_schedule
+    from ._common import load_for_sampling, load_schedule, resolve_rollout
 
     positive_int(args.n, "--n")
-    positive_int(args.steps, "--steps")
     positive_int(args.batch_size, "--batch-size")
     schedule = load_schedule(args.schedule)
+    resolve_rollout(args, schedule)
     model = denoiser_of(load_for_sampling(args.model, args.device, args.dtype))
     ref = denoiser_of(load_for_sampling(args.reference, args.device, args.dtype)) if args.reference else None
     metrics, _ = evaluate(model, schedule=schedule, reference_model=ref, num_steps=args.steps,

@@ -25,6 +25,12 @@ def add_parser(sub):
                         "attention/feed-forward branches (default coarse)")
     p.add_argument("--out", required=True, help="schedule JSON to write (the heatmap goes to the same name .png)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--fold", action="store_true",
+                   help="drop the whole steps the schedule reuses instead of stepping the sampler with the reused "
+                        "prediction: the same rollout for DDIM (eta 0) without x0 clipping, and faster; refused "
+                        "where it is not the same rollout (see --fold-approximate)")
+    p.add_argument("--fold-approximate", action="store_true",
+                   help="fold even where it changes the rollout (e.g. DDIM that clips x0: the Fashion-MNIST models)")
     p.add_argument("--seed", type=int, default=0, help="seed of noise, conditions and searches (default 0)")
     p.add_argument("--cfg", type=float, dest="guidance_scale",
                    help="classifier-free guidance scale of the rollouts the schedule is made for (default 2 for "
@@ -126,6 +132,9 @@ def run(args):
                             graph=graph, budget=args.budget, n_samples=args.samples,
                             guidance_scale=args.guidance_scale, seed=args.seed, labels=labels, prompts=prompts,
                             interval=args.interval, depth=args.depth, non_uniform=args.non_uniform, **options)
+    if args.fold or args.fold_approximate:
+        from ..schedule.rollouts import scheduler_for
+        sched = sched.fold(scheduler_for(obj, args.sampler), approximate=args.fold_approximate)
     sched.meta["model"] = args.model
     if not procs.is_main_process:
         procs.wait_for_everyone()  # returns once the main process has written the files
@@ -138,7 +147,8 @@ def run(args):
         png.unlink(missing_ok=True)  # never a heatmap without its schedule
         raise
     m = sched.meta
-    print(f"wrote {out} and {png}: {sched.n_calls} calls x {sched.n_units} {sched.granularity} units, "
+    visits = f" over {sched.n_visits} visited timesteps" if sched.grid is not None else ""
+    print(f"wrote {out} and {png}: {sched.n_calls} calls{visits} x {sched.n_units} {sched.granularity} units, "
           f"{m.get('method')}, pruned MACs ratio {m.get('pruned_ratio', sched.pruned_ratio(graph)):.4f}"
           + (f" (target {args.ratio})" if args.ratio is not None else ""))
     if "ssim" in m:

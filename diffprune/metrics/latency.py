@@ -11,6 +11,12 @@ Modes
             the scheduler steps and CFG arithmetic run eagerly around them, as they would in a pipeline.
 - "static": the "graph" code path without capture (static buffers, per-pattern dispatch, run eagerly). Any
             device; it is how the graph path is tested on a CPU.
+- "capture": the whole rollout (every denoiser call, the sampler arithmetic and the CFG mixing) as one CUDA graph
+            (diffprune.capture); a replay runs no Python, so reused steps cost only their sampler arithmetic. On a
+            CPU the same loop runs without capture.
+
+Ideal speedups are printed in two conventions: FLOPs that run (attention score/value products counted:
+ideal_speedup) and torch-pruning's MACs (the papers' convention, which leaves attention out: macs_ideal_speedup).
 
 A replayed graph runs no Python, so the unit caches of a schedule cannot be Python references that change from
 step to step: graphs captured for different patterns must read and write the same memory. The schedule runtime's
@@ -38,7 +44,7 @@ from ..errors import DiffpruneError
 from ..models import build_graph, get_adapter
 from ..util import denoiser_of, positive_int
 
-MODES = ("eager", "graph", "static")
+MODES = ("eager", "graph", "static", "capture")
 
 
 # ----- arguments ---------------------------------------------------------------------------------
@@ -48,6 +54,7 @@ def check_mode(mode: str, device: torch.device) -> str:
     if mode == "graph" and device.type != "cuda":
         raise DiffpruneError("mode 'graph' captures CUDA graphs and needs a CUDA device; use eager (or static) "
                              "on a CPU")
+    # "capture" on a CPU runs the captured path's loop without capture (capture.py's eager mode)
     return mode
 
 
@@ -111,26 +118,44 @@ def denoiser_inputs(model, batch: int, cfg: bool, height=None, width=None):
     from ..sampling import _cat
 
     positive_int(batch, "batch")
-    adapter = get_adapter(model)
     p = next(model.parameters())
-    x, _, cond = adapter.example_inputs(model, batch=batch, height=height, width=width, device=p.device,
-                                        dtype=p.dtype)
+    x, _, _ = get_adapter(model).example_inputs(model, batch=batch, height=height, width=width, device=p.device,
+                                                dtype=p.dtype)
+    cond, uncond = _conditions(model, batch, cfg)
     if not cfg:
         return x, cond
+    return torch.cat([x, x]), _cat(uncond, cond)
+
+
+def _conditions(model, batch: int, cfg: bool):
+    """(cond, uncond) of example inputs at `batch` samples (uncond None without cfg)."""
+    adapter = get_adapter(model)
+    p = next(model.parameters())
+    _, _, cond = adapter.example_inputs(model, batch=batch, device=p.device, dtype=p.dtype)
+    if not cfg:
+        return cond, None
     # text models: any embedding of the right shape stands for the empty prompt (values do not change timings)
     uncond = cond if adapter.conditioning == "text" else adapter.null_condition(model, batch, device=p.device)
     if not cond or not uncond:
         raise DiffpruneError(f"{adapter.family} model without conditioning: classifier-free guidance (--cfg) "
                              "does not apply to it")
-    return torch.cat([x, x]), _cat(uncond, cond)
+    return cond, uncond
 
 
-def macs_summary(graph, schedule, n_calls: int) -> dict:
-    """Dense and scheduled MACs of a rollout (cascade applied) and the ideal speedup they imply."""
+def macs_summary(graph, schedule, n_calls: int, run_graph=None) -> dict:
+    """Dense (n_calls calls) and scheduled MACs of a rollout (cascade applied) and the ideal speedups they imply:
+    macs_ideal_speedup in torch-pruning's convention (the papers'; `graph`), ideal_speedup with the attention
+    products counted (the FLOPs that run; `run_graph`, a graph built with include_attention=True)."""
     dense = graph.total_macs * n_calls
     sched = dense if schedule is None else schedule.macs(graph)
-    return {"dense_macs": dense, "schedule_macs": sched, "macs_reduction": 1 - sched / dense,
-            "macs_ideal_speedup": dense / sched}
+    out = {"dense_macs": dense, "schedule_macs": sched, "macs_reduction": 1 - sched / dense,
+           "macs_ideal_speedup": dense / sched}
+    if run_graph is not None:
+        run_dense = run_graph.total_macs * n_calls
+        run_sched = run_dense if schedule is None else schedule.macs(run_graph)
+        out.update({"dense_run_macs": run_dense, "schedule_run_macs": run_sched,
+                    "ideal_speedup": run_dense / run_sched})
+    return out
 
 
 # ----- one denoiser call on static buffers, replayable ---------------------------------------------
@@ -230,37 +255,51 @@ def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim"
                  cfg: bool = False, guidance_scale: float = 7.5, height: int | None = None,
                  width: int | None = None, mode: str = "eager", repeats: int = 5, warmup: int = 1,
                  scheduler_config: dict | None = None, seed: int = 0, graph=None, strict: bool = True,
-                 pattern_repeats: int = 10, return_sample: bool = False) -> dict:
-    """End-to-end latency of one sampler rollout of `steps` steps at `batch` samples (the scheduler's
-    set_timesteps and steps, CFG arithmetic and every denoiser call included), dense or under `schedule` (a
-    diffprune Schedule for this sampler and step count; strict=False accepts it for another architecture with
-    the same units). graph: the model's UnitGraph at the schedule's granularity (built when omitted).
+                 pattern_repeats: int = 10, return_sample: bool = False, run_graph=None) -> dict:
+    """End-to-end latency of one sampler rollout of `steps` steps at `batch` samples (the scheduler's steps,
+    CFG arithmetic and every denoiser call included), dense or under `schedule` (a diffprune Schedule for this
+    sampler and step count, possibly with its own timestep grid; strict=False accepts it for another architecture
+    with the same units). graph: the model's UnitGraph at the schedule's granularity (built when omitted);
+    run_graph: the same with attention products counted (FLOPs that run; built when omitted).
 
-    Returns median/p10/p90/... ms of the rollout, per_call_ms (median / calls), the MACs of the rollout and the
-    ideal speedup they imply, and peak memory. In graph/static mode also: the number of step patterns (= CUDA
-    graphs captured), the steps using each, each pattern's call time (pattern_call_ms), their sum over the rollout
-    (denoiser_ms: the rollout minus it is the sampler's own time) and capture_s. With
-    return_sample=True the final latents of the last timed rollout come back under "sample" (every rollout starts
-    from the same noise, so this checks that modes and schedules agree).
+    Returns median/p10/p90/... ms of the rollout, per_call_ms (median / denoiser calls), the MACs of the rollout
+    and the ideal speedups they imply (ideal_speedup: FLOPs that run, attention included; macs_ideal_speedup:
+    torch-pruning's convention, the papers'), and peak memory. In graph/static mode also: the number of step
+    patterns (= CUDA graphs captured), the calls using each, each pattern's call time (pattern_call_ms), their sum
+    over the rollout (denoiser_ms: the rollout minus it is the sampler's own time) and capture_s; in capture mode
+    (the whole rollout as one CUDA graph, capture.py) capture_s. With return_sample=True the final latents of the
+    last timed rollout come back under "sample" (every rollout starts from the same noise, so this checks that
+    modes and schedules agree).
     """
-    from ..sampling import make_scheduler, notify_rollout_start
+    import copy
+
+    from ..grid import set_grid
+    from ..sampling import finish, make_scheduler, notify_rollout_start, plan_rollout, run_loop
 
     model = denoiser_of(model)
     device = next(model.parameters()).device
     check_mode(mode, device)
     positive_int(steps, "steps")
     positive_int(repeats, "repeats")
-    scheduler = make_scheduler(sampler, scheduler_config)
-    scheduler.set_timesteps(steps)
-    n_calls = len(scheduler.timesteps)
-    t_dtype = scheduler.timesteps.dtype
     x_call, cond = denoiser_inputs(model, batch, cfg, height, width)
+    c, u = _conditions(model, batch, cfg)
+    guidance = guidance_scale if cfg else 1.0
+    # the rollout exactly as sampling.sample() plans it (grid, conditioning, sampler settings), timesteps on the CPU
+    plan = plan_rollout(model, steps, sampler, cond=c, uncond=u, batch=batch, guidance_scale=guidance,
+                        scheduler=make_scheduler(sampler, scheduler_config),
+                        grid=schedule.grid if schedule is not None else None, timestep_device=None)
+    template, reuse, n_calls = plan.scheduler, plan.reuse, plan.n_calls
+    base_calls = len(set_grid(make_scheduler(sampler, scheduler_config), steps).timesteps)
+    t_dtype = template.timesteps.dtype
     granularity = schedule.granularity if schedule is not None else "coarse"
+    size = dict(batch=1, height=x_call.shape[-2], width=x_call.shape[-1])
     if graph is None or graph.granularity != granularity:
-        graph = build_graph(model, granularity, batch=1, height=x_call.shape[-2], width=x_call.shape[-1])
+        graph = build_graph(model, granularity, **size)
+    if run_graph is None or run_graph.granularity != granularity:
+        run_graph = build_graph(model, granularity, include_attention=True, **size)
     if schedule is not None:
-        schedule.check(graph, n_calls=n_calls)
-    macs = macs_summary(graph, schedule, n_calls)
+        schedule.check(graph, n_calls=n_calls, sampler=sampler, num_steps=steps)
+    macs = macs_summary(graph, schedule, base_calls, run_graph=run_graph)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((batch, *x_call.shape[1:]), generator=gen).to(device, x_call.dtype)
     adapter = get_adapter(model)
@@ -270,67 +309,78 @@ def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim"
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         runtime = None
-        if schedule is not None:
+        if schedule is not None and mode != "capture":
             from ..schedule import apply_schedule
             runtime = stack.enter_context(apply_schedule(model, schedule, graph=graph, strict=strict,
                                                          static=mode != "eager"))
-        if mode == "eager":
-            def denoise(i, xin, t):
-                tt = torch.full((xin.shape[0],), t.item(), dtype=t_dtype, device=device)
-                return adapter.predict_noise(model, xin, tt, cond)
-
-            def start():
-                notify_rollout_start(model, n_calls)  # the runtime resets its caches
-        else:
-            patterns = runtime.step_patterns() if runtime is not None else []
-            index = np.zeros(n_calls, dtype=int)
-            for k, p in enumerate(patterns):
-                index[p.steps] = k
+        if mode == "capture":
+            from ..capture import CapturedRollout
             t0 = time.perf_counter()
-            call = _StaticCall(model, x_call, scheduler.timesteps[0].item(), cond, mode, runtime,
-                               [p.steps[0] for p in patterns], t_dtype=t_dtype)
+            captured = CapturedRollout(model, schedule, steps=steps, sampler=sampler, batch=batch,
+                                       guidance_scale=guidance, cond=c, uncond=u,
+                                       height=x_call.shape[-2], width=x_call.shape[-1],
+                                       scheduler=make_scheduler(sampler, scheduler_config), strict=strict,
+                                       mode="graph" if device.type == "cuda" else "eager")
+            captured.noise.copy_(noise)
             extra["capture_s"] = time.perf_counter() - t0
-            extra["patterns"] = len(call.steps)
-            extra["pattern_steps"] = [len(p.steps) for p in patterns] or [n_calls]
-            extra["pattern_call_ms"] = [summarize(measure(lambda k=k: call.run(k), device, pattern_repeats, 1))
-                                        ["median_ms"] for k in range(len(call.steps))]
-            # what the denoiser calls alone should take; the rest of a rollout is the sampler's own work
-            extra["denoiser_ms"] = float(np.dot(extra["pattern_steps"], extra["pattern_call_ms"]))
+            last = []
 
-            def denoise(i, xin, t):
-                call.x.copy_(xin)
-                call.t.fill_(t.item())
-                out = call.run(int(index[i]))
-                return out.clone() if not cfg else out  # samplers keep past outputs (PLMS, DPM-Solver)
+            def rollout():
+                last[:] = [captured.replay()]
+        else:
+            if mode == "eager":
+                def denoise(c, xin, t):
+                    tt = torch.full((xin.shape[0],), t.item(), dtype=t_dtype, device=device)
+                    return adapter.predict_noise(model, xin, tt, cond)
+            else:
+                patterns = runtime.step_patterns() if runtime is not None else []
+                index = np.zeros(n_calls, dtype=int)
+                for k, p in enumerate(patterns):
+                    index[p.steps] = k
+                t0 = time.perf_counter()
+                call = _StaticCall(model, x_call, template.timesteps[0].item(), cond, mode, runtime,
+                                   [p.steps[0] for p in patterns], t_dtype=t_dtype)
+                extra["capture_s"] = time.perf_counter() - t0
+                extra["patterns"] = len(call.steps)
+                extra["pattern_steps"] = [len(p.steps) for p in patterns] or [n_calls]
+                extra["pattern_call_ms"] = [summarize(measure(lambda k=k: call.run(k), device, pattern_repeats, 1))
+                                            ["median_ms"] for k in range(len(call.steps))]
+                # what the denoiser calls alone should take; the rest of a rollout is the sampler's own work
+                extra["denoiser_ms"] = float(np.dot(extra["pattern_steps"], extra["pattern_call_ms"]))
 
-            def start():
-                pass  # step 0 refills every cache; a runtime reset would free the buffers the graphs write
+                def denoise(c, xin, t):
+                    call.x.copy_(xin)
+                    call.t.fill_(t.item())
+                    out = call.run(int(index[c]))
+                    return out.clone() if not cfg else out  # samplers keep past outputs (PLMS, DPM-Solver)
 
-        last = []
+            last = []
 
-        def rollout():
-            start()
-            scheduler.set_timesteps(steps)  # resets the sampler's state, as a pipeline call does
-            x = noise * scheduler.init_noise_sigma
-            for i, t in enumerate(scheduler.timesteps):
-                xin = torch.cat([x, x]) if cfg else x
-                xin = scheduler.scale_model_input(xin, t)
-                eps = denoise(i, xin, t)
-                if cfg:
-                    uncond, text = eps.chunk(2)
-                    eps = uncond + guidance_scale * (text - uncond)
-                x = scheduler.step(eps, t, x, return_dict=False)[0]
-            last[:] = [x]
+            def rollout():
+                if mode == "eager":
+                    notify_rollout_start(model, n_calls)  # the runtime resets its caches
+                # graph/static: step 0 refills every cache; a runtime reset would free the buffers graphs write
+                sched = copy.deepcopy(template)  # a fresh sampler state, as a pipeline call has
+                calls = iter(range(n_calls))
+
+                def predict(i, xin, t):
+                    return denoise(next(calls), xin, t)
+
+                x = run_loop(sched, noise * sched.init_noise_sigma, predict, reuse=reuse, guidance_scale=guidance,
+                             step_kwargs=plan.step_kwargs)
+                last[:] = [finish(model, x)]
 
         samples = measure(rollout, device, repeats, warmup)
-        final = last[0] if return_sample else None
-        if mode != "eager":
+        final = last[0].clone() if return_sample else None
+        if mode in ("graph", "static"):
             del call  # the graphs go before the runtime frees the caches they write
+        if mode == "capture":
+            del captured
     result = {**_context(model, mode), "what": "rollout", "schedule": schedule is not None, "sampler": sampler,
-              "steps": steps, "calls": n_calls, "batch": batch, "cfg": bool(cfg), "guidance_scale": guidance_scale,
-              "denoiser_batch": int(x_call.shape[0]), "input_shape": list(x_call.shape), "granularity": granularity,
-              **summarize(samples), "per_call_ms": float(np.median(samples)) / n_calls, **macs, **extra,
-              **peak_memory(device)}
+              "steps": steps, "calls": n_calls, "visits": len(reuse), "batch": batch, "cfg": bool(cfg),
+              "guidance_scale": guidance_scale, "denoiser_batch": int(x_call.shape[0]),
+              "input_shape": list(x_call.shape), "granularity": granularity, **summarize(samples),
+              "per_call_ms": float(np.median(samples)) / n_calls, **macs, **extra, **peak_memory(device)}
     if final is not None:
         result["sample"] = final.detach().float().cpu()
     _release(device)
@@ -352,13 +402,16 @@ def add_speedups(results: list[dict]) -> list[dict]:
 def format_table(results: list[dict]) -> str:
     """A plain-text table of call and rollout results (one row each)."""
     head = f"{'mode':7s} {'run':18s} {'median ms':>10s} {'p10':>9s} {'p90':>9s} {'ms/call':>8s} " \
-           f"{'speedup':>8s} {'MACs ideal':>10s} {'peak MiB':>9s}"
+           f"{'speedup':>8s} {'ideal':>7s} {'tp ideal':>8s} {'peak MiB':>9s}"
     lines = [head, "-" * len(head)]
     for r in results:
         name = r.get("label") or (f"{r['what']} {'schedule' if r.get('schedule') else 'dense'}")
         per_call = r["median_ms"] if r["what"] == "call" else r["per_call_ms"]
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
-        ideal = f"{r['macs_ideal_speedup']:.2f}x" if "macs_ideal_speedup" in r else ""
+        ideal = f"{r['ideal_speedup']:.2f}x" if "ideal_speedup" in r else ""
+        tp = f"{r['macs_ideal_speedup']:.2f}x" if "macs_ideal_speedup" in r else ""
         lines.append(f"{r['mode']:7s} {name:18s} {r['median_ms']:10.2f} {r['p10_ms']:9.2f} {r['p90_ms']:9.2f} "
-                     f"{per_call:8.2f} {speed:>8s} {ideal:>10s} {r['peak_mem_bytes'] / 2**20:9.0f}")
+                     f"{per_call:8.2f} {speed:>8s} {ideal:>7s} {tp:>8s} {r['peak_mem_bytes'] / 2**20:9.0f}")
+    lines.append("ideal: FLOPs that run (attention products counted); tp ideal: torch-pruning's MACs convention "
+                 "(the papers', attention left out)")
     return "\n".join(lines)

@@ -1,13 +1,13 @@
-"""Cheap baselines, written as schedules (or, for fewer steps, a sampler setting) so they run, count and compare
-exactly like learned schedules.
+"""Cheap baselines, written as schedules so they run, count and compare exactly like learned schedules.
 
-- fewer sampler steps: the dense model at k < S steps (a keep-all schedule for k steps);
+- fewer sampler steps: the dense model on the sampler's own k-step grid, a schedule that owns its grid (grid.py);
 - DeepCache: on "full" steps every unit runs; on the others only the shallow branch runs (the first `depth` and
   last `depth` units in execution order: for a coarse UNet the outer down blocks and the outer up blocks, which
   read the cached output of the deeper up block; for a DiT the last blocks, reading the cached feature of the
   block before them). Full steps uniform (every `interval`-th call) or non-uniform (denser around `center`);
-- whole-step reuse: full steps and steps that compute no unit (the previous step's features are reused), uniform
-  here, searched in search.py.
+- whole-step reuse: full steps and reused visits at which the sampler steps with the previous prediction without
+  calling the denoiser (step_reuse_schedule, a grid), uniform here, searched in search.py; step_reuse_table is the
+  older keep-table form (reused steps as rows that compute no unit), which DiP-GO's tables also fall into.
 The ratio of a table is its pruned MACs ratio with the cascade (dipgo.pruned_ratio).
 """
 from __future__ import annotations
@@ -15,7 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DiffpruneError
+from ..grid import base_timesteps
 from ..models import UnitGraph
+from ..sampling import make_scheduler
 from .dipgo import pruned_ratio
 from .schedule import Schedule, collapse_report, rollout_calls
 
@@ -136,15 +138,43 @@ def fewer_steps_count(sampler: str, steps: int, ratio: float) -> int:
     return min(range(1, steps + 1), key=lambda k: (abs(1 - rollout_calls(sampler, k) / dense - ratio), -k))
 
 
-def fewer_steps_schedule(graph: UnitGraph, steps: int, ratio: float, *, sampler: str = "ddim", model=None,
-                         model_hash: str | None = None) -> Schedule:
+def fewer_steps_schedule(graph: UnitGraph, steps: int, ratio: float, *, sampler: str = "ddim", scheduler=None,
+                         model=None, model_hash: str | None = None) -> Schedule:
+    """The dense model on the sampler's own k-step grid, k chosen for the ratio, as a schedule of the `steps`-step
+    rollout: `sample --steps {steps} --schedule` runs k steps. scheduler: the rollout's (a pipeline's) scheduler;
+    default the sampler's training-schedule build."""
     k = fewer_steps_count(sampler, steps, ratio)
-    sched = Schedule.keep_all(graph, k, sampler=sampler, model=model, model_hash=model_hash)
-    dense = rollout_calls(sampler, steps)
-    sched.meta.update({"method": "steps", "reference_steps": steps, "target_ratio": ratio,
-                       "pruned_ratio": sched.pruned_ratio(graph, reference_calls=dense),
-                       "note": f"the dense model at {k} instead of {steps} {sampler} steps: sample with --steps {k}"})
-    return sched
+    sched = scheduler if scheduler is not None else make_scheduler(sampler)
+    grid = base_timesteps(sched, k)
+    out = Schedule.from_table(graph, np.ones((len(grid), graph.n_units), dtype=bool), sampler=sampler,
+                              num_steps=steps, model=model, model_hash=model_hash, timesteps=grid,
+                              base_calls=rollout_calls(sampler, steps), meta={"method": "steps"})
+    out.meta.update({"steps": k, "target_ratio": ratio, "pruned_ratio": out.pruned_ratio(graph),
+                     "note": f"the dense model on the {k}-step {sampler} grid instead of {steps} steps"})
+    return out
+
+
+def step_reuse_schedule(graph: UnitGraph, steps: int, ratio: float | None = None, *, sampler: str = "ddim",
+                        full_steps=None, model=None, model_hash: str | None = None,
+                        **meta) -> Schedule:
+    """Whole-step reuse as a grid: the denoiser runs at `full_steps` (default: spread evenly for the ratio) of
+    the `steps`-step rollout; at every other visit the sampler steps with the previous prediction and the
+    denoiser is not called. fold() turns the reused visits into drops where that is the same rollout (DDIM)."""
+    n = rollout_calls(sampler, steps)
+    if full_steps is None:
+        if ratio is None:
+            raise DiffpruneError("whole-step reuse needs a target ratio or the full steps")
+        # each full step costs one dense call; reused visits cost nothing
+        full_steps = spread_full_steps(n, int(np.clip(round(n * (1 - ratio)), 1, n)))
+    full = sorted({0, *(int(s) for s in full_steps)})
+    if full[-1] >= n:
+        raise DiffpruneError(f"full steps must lie in [0, {n - 1}]")
+    reuse = [s not in set(full) for s in range(n)]
+    out = Schedule.from_table(graph, np.ones((len(full), graph.n_units), dtype=bool), sampler=sampler,
+                              num_steps=steps, model=model, model_hash=model_hash, reuse=reuse, base_calls=n,
+                              meta={"method": "step-reuse", **meta})
+    out.meta.update({"full_steps": full, "target_ratio": ratio, "pruned_ratio": out.pruned_ratio(graph)})
+    return out
 
 
 def describe(table, graph: UnitGraph, **meta) -> dict:

@@ -30,11 +30,13 @@ class Rollouts:
     def noise(self, batch: int, seed: int) -> torch.Tensor:
         return sampling.make_noise(self.model, batch, seed=seed)
 
-    def run(self, noise, cond: dict, *, differentiable: bool = False, checkpoint: bool = True) -> torch.Tensor:
-        """Final images of one rollout: decoded by the VAE for a latent pipeline, else the sampler's output."""
+    def run(self, noise, cond: dict, *, differentiable: bool = False, checkpoint: bool = True,
+            grid=None) -> torch.Tensor:
+        """Final images of one rollout (on `grid`, a grid.Grid, if given): decoded by the VAE for a latent
+        pipeline, else the sampler's output."""
         final = sampling.sample(self.model, self.num_steps, scheduler=self.scheduler, noise=noise,
                                 guidance_scale=self.guidance_scale, differentiable=differentiable,
-                                checkpoint=checkpoint, **cond)
+                                checkpoint=checkpoint, grid=grid, **cond)
         if self.pipeline is not None and getattr(self.pipeline, "vae", None) is not None:
             with torch.set_grad_enabled(differentiable):
                 return sampling.decode_latents(self.pipeline, final)

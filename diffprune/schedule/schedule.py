@@ -1,13 +1,22 @@
-"""Schedule: which units a rollout computes at each denoiser call.
+"""Schedule: which timesteps a rollout visits, and which units it computes at each denoiser call.
 
-A schedule is a boolean table with one row per denoiser call of a rollout (the step index, never the timestep
+A schedule is a boolean table with one row per denoiser call of a rollout (the call index, never the timestep
 value, so Karras grids with repeated timesteps and PLMS's extra call need no special case) and one column per
 unit of the model's UnitGraph at one granularity. True = compute the unit, False = reuse the output it produced
 the last time it ran. Row 0 is all True: the first call fills the caches.
 
+Since format version 2 a schedule also owns its timestep grid (diffprune.grid): `timesteps` lists the timesteps the
+sampler visits (None: the sampler's own `num_steps` grid; a base-grid timestep left out is dropped) and `reuse` marks
+the visits at which the sampler steps with the previous prediction without calling the denoiser. Table rows belong to
+the other visits, the denoiser calls. Fewer sampler steps, whole-step reuse and a searched grid are schedules of this
+one kind; `fold()` turns reused visits into drops where the two are the same rollout (DDIM, eta 0). `num_steps` stays
+the step count of the dense rollout it is measured against, and a schedule is refused for another sampler or step
+count.
+
 On disk it is plain JSON a person can read: one string of '1'/'0' per call, the unit names, the sampler and step
-count it was made for, the model family and a hash of the architecture (models.architecture_hash), plus `meta`
-(method, achieved ratio, collapse report, ...). A schedule is refused for another model, granularity or step count.
+count it was made for, the grid (version 2), the model family and a hash of the architecture
+(models.architecture_hash), plus `meta` (method, achieved ratio, collapse report, ...). Version-1 files load as
+schedules on the sampler's own grid. Every field is checked for type and range on load.
 """
 from __future__ import annotations
 
@@ -18,11 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DiffpruneError
+from ..grid import Grid, base_timesteps, fold_reason
 from ..models import GRANULARITIES, UnitGraph, architecture_hash
 from ..util import atomic_write_text
 
 FORMAT = "diffprune-schedule"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
+MAX_STEPS = 100_000          # more sampler steps than any scheduler has training timesteps
+MAX_FILE_BYTES = 64 * 2**20  # a schedule of 100,000 calls x 1,000 units is ~100 MB; real ones are kilobytes
 
 
 @dataclasses.dataclass(eq=False)
@@ -35,6 +48,9 @@ class Schedule:
     family: str
     model_hash: str            # models.architecture_hash of the model it was made for ("" = not tied to one)
     meta: dict = dataclasses.field(default_factory=dict)
+    timesteps: list | None = None   # visited timesteps, descending (None: the sampler's own num_steps grid)
+    reuse: list | None = None       # per visit, True = step with the previous prediction (no denoiser call)
+    base_calls: int | None = None   # denoiser calls of the dense num_steps rollout (default: the table's rows)
 
     def __post_init__(self):
         table = np.asarray(self.table)
@@ -54,18 +70,44 @@ class Schedule:
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, (int, np.integer)) or self.num_steps < 1:
             raise DiffpruneError(f"num_steps must be a positive integer, got {self.num_steps!r}")
         self.num_steps = int(self.num_steps)
+        if self.num_steps > MAX_STEPS:
+            raise DiffpruneError(f"num_steps {self.num_steps} is beyond any sampler (at most {MAX_STEPS})")
         self.table = table.copy()
+        if self.reuse is not None:
+            self.reuse = [bool(r) for r in self.reuse]
+            if self.reuse and self.reuse[0]:
+                raise DiffpruneError("the first visit of a schedule cannot reuse: there is no prediction before it")
+            if len(self.reuse) - sum(self.reuse) != self.n_calls:
+                raise DiffpruneError(f"the schedule's grid makes {len(self.reuse) - sum(self.reuse)} denoiser calls "
+                                     f"but its table has {self.n_calls} rows")
+            if not any(self.reuse):
+                self.reuse = None
+        if self.timesteps is not None:
+            self.timesteps = [int(t) if float(t).is_integer() else float(t) for t in self.timesteps]
+            if len(self.timesteps) != self.n_visits:
+                raise DiffpruneError(f"the schedule visits {self.n_visits} timesteps but lists {len(self.timesteps)}")
+        if self.base_calls is None:
+            self.base_calls = self.n_calls if self.timesteps is None and self.reuse is None else None
+        if self.base_calls is None:
+            raise DiffpruneError("a schedule with its own grid needs base_calls (the dense rollout's calls)")
+        if isinstance(self.base_calls, bool) or not isinstance(self.base_calls, (int, np.integer)) \
+                or not 1 <= self.base_calls <= MAX_STEPS + 1:
+            raise DiffpruneError(f"base_calls must be a positive integer, got {self.base_calls!r}")
+        self.base_calls = int(self.base_calls)
 
     # ----- construction ------------------------------------------------------------------------------------
     @classmethod
     def from_table(cls, graph: UnitGraph, table, *, sampler: str, num_steps: int, model=None,
-                   model_hash: str | None = None, meta: dict | None = None) -> "Schedule":
-        """A schedule over `graph`'s units; the model (or its hash) ties it to one architecture."""
+                   model_hash: str | None = None, meta: dict | None = None, timesteps=None, reuse=None,
+                   base_calls: int | None = None) -> "Schedule":
+        """A schedule over `graph`'s units; the model (or its hash) ties it to one architecture. timesteps /
+        reuse / base_calls: its own grid (see the module docstring)."""
         if model is not None:
             model_hash = architecture_hash(model)
         return cls(table=np.asarray(table, dtype=bool), units=graph.units, granularity=graph.granularity,
                    sampler=str(sampler), num_steps=num_steps, family=graph.family, model_hash=model_hash or "",
-                   meta=dict(meta or {}))
+                   meta=dict(meta or {}), timesteps=None if timesteps is None else list(timesteps),
+                   reuse=None if reuse is None else list(reuse), base_calls=base_calls)
 
     @classmethod
     def keep_all(cls, graph: UnitGraph, steps: int, *, sampler: str = "ddim", model=None,
@@ -85,6 +127,26 @@ class Schedule:
     def n_units(self) -> int:
         return int(self.table.shape[1])
 
+    @property
+    def n_visits(self) -> int:
+        """Timesteps the sampler visits: the denoiser calls plus the reused visits."""
+        return len(self.reuse) if self.reuse is not None else self.n_calls
+
+    @property
+    def grid(self) -> Grid | None:
+        """The rollout's grid for sampling.sample(grid=...); None on the sampler's own grid with no reuse."""
+        if self.timesteps is None and self.reuse is None:
+            return None
+        return Grid(timesteps=None if self.timesteps is None else tuple(self.timesteps),
+                    reuse=None if self.reuse is None else tuple(self.reuse))
+
+    def visit_table(self) -> np.ndarray:
+        """(n_visits x units) keep table with an all-False row at every reused visit (for plots)."""
+        rows = np.zeros((self.n_visits, self.n_units), dtype=bool)
+        calls = [v for v in range(self.n_visits) if not (self.reuse and self.reuse[v])]
+        rows[calls] = self.table
+        return rows
+
     def live_table(self, graph: UnitGraph) -> np.ndarray:
         """(n_calls x units) of the units really computed: the keep table with the dependency cascade applied."""
         self.check(graph)
@@ -96,13 +158,60 @@ class Schedule:
         return graph.schedule_macs(self.table)
 
     def pruned_ratio(self, graph: UnitGraph, reference_calls: int | None = None) -> float:
-        """1 - MACs / MACs of the dense rollout with reference_calls calls (default: this schedule's own)."""
-        dense = (reference_calls or self.n_calls) * graph.total_macs
+        """1 - MACs / MACs of the dense rollout with reference_calls calls (default: the num_steps rollout's)."""
+        dense = (reference_calls or self.base_calls) * graph.total_macs
         return 1.0 - self.macs(graph) / dense
 
+    # ----- grids ---------------------------------------------------------------------------------------------
+    def with_reuse_for_dead_steps(self, graph: UnitGraph) -> "Schedule":
+        """The same rollout with every call that computes no unit (the cascade applied) turned into a reused visit:
+        the sampler steps with the previous prediction and the denoiser is not called at all. For a UNet this is
+        exactly today's result (its output layers only read the cached last block); a DiT's final AdaLN layer reads
+        the timestep, so there the reused prediction is the previous call's, not one recomputed at the new t."""
+        dead = ~np.stack([graph.live_units(row) for row in self.table]).any(axis=1)
+        dead[0] = False
+        if not dead.any():
+            return self
+        reuse = list(self.reuse) if self.reuse is not None else [False] * self.n_visits
+        calls = [v for v in range(self.n_visits) if not reuse[v]]
+        for row, v in enumerate(calls):
+            reuse[v] = bool(dead[row])
+        return dataclasses.replace(self, table=self.table[~dead], reuse=reuse, meta=dict(self.meta))
+
+    def fold(self, scheduler=None, *, eta: float = 0.0, approximate: bool = False) -> "Schedule":
+        """The schedule with every reused visit dropped: the sampler goes straight from the last computed timestep
+        to the next visited one. The same rollout for DDIM with eta 0 (refused elsewhere with the reason, unless
+        approximate=True). scheduler: the diffusers scheduler the rollout runs (a pipeline's); default the
+        sampler's training-schedule build (sampling.make_scheduler)."""
+        from ..sampling import make_scheduler
+        if self.reuse is None:
+            return self
+        sched = scheduler if scheduler is not None else make_scheduler(self.sampler)
+        reason = fold_reason(sched, eta)
+        if reason is not None and not approximate:
+            raise DiffpruneError(f"cannot fold this {self.sampler} schedule exactly: {reason}")
+        visited = self.timesteps if self.timesteps is not None else base_timesteps(sched, self.num_steps)
+        if len(visited) != self.n_visits:
+            raise DiffpruneError(f"the scheduler visits {len(visited)} timesteps, the schedule {self.n_visits}")
+        kept = [t for t, r in zip(visited, self.reuse) if not r]
+        meta = {**self.meta, "folded": {"dropped": int(sum(self.reuse)), "exact": reason is None}}
+        if reason is not None:
+            meta["folded"]["why_not_exact"] = reason
+        return dataclasses.replace(self, timesteps=kept, reuse=None, meta=meta)
+
     # ----- compatibility -----------------------------------------------------------------------------------
-    def check(self, graph: UnitGraph | None = None, *, model=None, n_calls: int | None = None):
-        """Raise DiffpruneError if this schedule does not fit the graph, the model or a rollout of n_calls."""
+    def check(self, graph: UnitGraph | None = None, *, model=None, n_calls: int | None = None,
+              sampler: str | None = None, num_steps: int | None = None):
+        """Raise DiffpruneError if this schedule does not fit the graph, the model, a rollout of n_calls, or the
+        sampler and step count a rollout asks for."""
+        if sampler is not None and _canonical(sampler) != _canonical(self.sampler):
+            raise DiffpruneError(
+                f"this schedule was made for the {self.sampler} sampler, not {sampler}: sample with --sampler "
+                f"{self.sampler}, or make a schedule for {sampler} (diffprune search --sampler {sampler})")
+        if num_steps is not None and int(num_steps) != self.num_steps:
+            raise DiffpruneError(
+                f"this schedule is for {self.num_steps} {self.sampler} steps, not {num_steps}: sample with --steps "
+                f"{self.num_steps}, or make a schedule for {num_steps} steps (diffprune search --steps {num_steps})")
         if graph is not None:
             if graph.granularity != self.granularity:
                 raise DiffpruneError(
@@ -120,6 +229,12 @@ class Schedule:
                     f"this schedule was made for another architecture (hash {self.model_hash}, this model {h}); "
                     f"make a schedule for this model (diffprune search), or pass strict=False to apply it to a "
                     f"model with the same units (e.g. a structurally pruned copy)")
+        if n_calls is not None and n_calls != self.n_calls and self.grid is not None:
+            raise DiffpruneError(
+                f"this schedule owns its timestep grid ({self.n_calls} denoiser calls over {self.n_visits} visits "
+                f"of a {self.num_steps}-step {self.sampler} rollout), but the rollout makes {n_calls} calls on the "
+                f"sampler's own grid: run it through diffprune.sample / evaluate / capture_rollout (grid="
+                f"schedule.grid), or `diffprune sample --schedule`")
         if n_calls is not None and n_calls != self.n_calls:
             raise DiffpruneError(
                 f"this schedule is for {self.num_steps} {self.sampler} steps ({self.n_calls} denoiser calls), "
@@ -130,7 +245,9 @@ class Schedule:
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "family": self.family, "model_hash": self.model_hash,
                 "granularity": self.granularity, "units": self.units, "sampler": self.sampler,
-                "num_steps": self.num_steps, "n_calls": self.n_calls,
+                "num_steps": self.num_steps, "base_calls": self.base_calls, "timesteps": self.timesteps,
+                "visits": None if self.reuse is None else "".join("r" if r else "c" for r in self.reuse),
+                "n_calls": self.n_calls,
                 "table": ["".join("1" if k else "0" for k in row) for row in self.table],
                 "meta": _plain(self.meta)}
 
@@ -138,26 +255,52 @@ class Schedule:
     def from_dict(cls, d: dict, source: str = "schedule") -> "Schedule":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise DiffpruneError(f"{source} is not a diffprune schedule (no \"format\": \"{FORMAT}\")")
-        if d.get("version") != VERSION:
+        if d.get("version") not in READS:
             raise DiffpruneError(f"{source}: schedule format version {d.get('version')!r} is not supported "
-                                 f"(this diffprune reads version {VERSION})")
+                                 f"(this diffprune reads versions {', '.join(map(str, READS))})")
         missing = [k for k in ("family", "model_hash", "granularity", "units", "sampler", "num_steps", "n_calls",
                                "table") if k not in d]
         if missing:
             raise DiffpruneError(f"{source}: schedule is missing {', '.join(missing)}")
+
+        def bad(what):
+            return DiffpruneError(f"{source}: {what}")
+
+        for key in ("family", "model_hash", "granularity", "sampler"):
+            if not isinstance(d[key], str):
+                raise bad(f"\"{key}\" must be a string, got {type(d[key]).__name__}")
+        units = d["units"]
+        if not isinstance(units, list) or not units or not all(isinstance(u, str) and u for u in units) \
+                or len(set(units)) != len(units):
+            raise bad("\"units\" must be a non-empty list of distinct unit names")
+        for key in ("num_steps", "n_calls"):
+            if isinstance(d[key], bool) or not isinstance(d[key], int) or not 1 <= d[key] <= MAX_STEPS + 1:
+                raise bad(f"\"{key}\" must be an integer from 1 to {MAX_STEPS}, got {d[key]!r}")
         rows = d["table"]
         if (not isinstance(rows, list) or not rows or not all(isinstance(r, str) and set(r) <= {"0", "1"}
                                                                for r in rows)):
-            raise DiffpruneError(f"{source}: \"table\" must be a list of strings of 0/1, one per denoiser call")
+            raise bad("\"table\" must be a list of strings of 0/1, one per denoiser call")
         if len({len(r) for r in rows}) != 1:
-            raise DiffpruneError(f"{source}: the rows of \"table\" have different lengths")
+            raise bad("the rows of \"table\" have different lengths")
         if len(rows) != d["n_calls"]:
-            raise DiffpruneError(f"{source}: \"table\" has {len(rows)} rows but n_calls is {d['n_calls']}")
+            raise bad(f"\"table\" has {len(rows)} rows but n_calls is {d['n_calls']}")
+        meta = d.get("meta") if d.get("meta") is not None else {}
+        if not isinstance(meta, dict):
+            raise bad(f"\"meta\" must be an object, got {type(meta).__name__}")
+        timesteps, visits, base_calls = d.get("timesteps"), d.get("visits"), d.get("base_calls")
+        if timesteps is not None and (not isinstance(timesteps, list) or not timesteps or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) for t in timesteps)):
+            raise bad("\"timesteps\" must be null or a non-empty list of numbers")
+        if visits is not None and (not isinstance(visits, str) or not visits or set(visits) - {"c", "r"}):
+            raise bad("\"visits\" must be null or a string of 'c' (call) and 'r' (reuse), one per visit")
+        if base_calls is not None and (isinstance(base_calls, bool) or not isinstance(base_calls, int)):
+            raise bad(f"\"base_calls\" must be an integer, got {base_calls!r}")
         table = np.array([[c == "1" for c in r] for r in rows], dtype=bool)
         try:
-            return cls(table=table, units=d["units"], granularity=d["granularity"], sampler=d["sampler"],
-                       num_steps=d["num_steps"], family=d["family"], model_hash=d["model_hash"],
-                       meta=dict(d.get("meta") or {}))
+            return cls(table=table, units=units, granularity=d["granularity"], sampler=d["sampler"],
+                       num_steps=d["num_steps"], family=d["family"], model_hash=d["model_hash"], meta=dict(meta),
+                       timesteps=timesteps, reuse=None if visits is None else [c == "r" for c in visits],
+                       base_calls=base_calls)
         except DiffpruneError as e:
             raise DiffpruneError(f"{source}: {e}") from None
 
@@ -172,22 +315,33 @@ class Schedule:
         p = Path(path)
         if not p.is_file():
             raise DiffpruneError(f"{path}: no such schedule file")
+        if p.stat().st_size > MAX_FILE_BYTES:
+            raise DiffpruneError(f"{path}: {p.stat().st_size} bytes is too large for a schedule file")
         try:
             d = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DiffpruneError(f"{path}: not a valid schedule file (corrupt JSON: {e})") from None
+        except RecursionError:
+            raise DiffpruneError(f"{path}: not a valid schedule file (JSON nested too deeply)") from None
         return cls.from_dict(d, source=str(path))
 
     def __repr__(self):
         kept = self.table.mean()
+        grid = "" if self.grid is None else f", own grid of {self.n_visits} visits"
         return (f"Schedule({self.family}, {self.granularity}, {self.n_units} units x {self.n_calls} calls of "
-                f"{self.num_steps}-step {self.sampler}, {kept:.1%} of cells kept, method={self.meta.get('method')})")
+                f"{self.num_steps}-step {self.sampler}{grid}, {kept:.1%} of cells kept, "
+                f"method={self.meta.get('method')})")
 
 
 def rollout_calls(sampler: str, steps: int) -> int:
     """Denoiser calls of a `steps`-step rollout of `sampler` (PLMS makes one more)."""
     from ..sampling import rollout_length
     return rollout_length(sampler, steps)
+
+
+def _canonical(sampler: str) -> str:
+    from ..sampling import canonical_sampler
+    return canonical_sampler(sampler)
 
 
 def _short(names, n=4):

@@ -5,8 +5,8 @@ on a few fixed samples (Evaluator). Every candidate is first brought to the targ
 bisection DiP-GO's post-processing uses, so searches compare schedules of equal MACs:
 - random: random scores per cell -> thresholded table; keep the best;
 - genetic: a population of score tables; tournament selection, row-wise crossover, Gaussian mutation, elitism;
-- step-reuse: whole-step reuse schedules (full steps + steps computing nothing): a one-parameter family of
-  placements (full steps denser early or late), then hill climbing that moves single full steps.
+- step-reuse: whole-step reuse grids (full steps + visits that step with the previous prediction): a one-parameter
+  family of placements (full steps denser early or late), then hill climbing that moves single full steps.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .. import sampling
 from ..errors import DiffpruneError
+from ..grid import Grid
 from ..models import UnitGraph, architecture_hash, build_graph
 from ..util import denoiser_of, positive_int, ratio as check_ratio
 from . import baselines
@@ -50,6 +51,18 @@ class Evaluator:
     @property
     def n_calls(self) -> int:
         return self.rollouts.n_calls
+
+    def reuse_score(self, full_steps) -> float:
+        """SSIM of the whole-step reuse grid that calls the denoiser at `full_steps` only (dense units)."""
+        full = tuple(sorted(set(int(s) for s in full_steps) | {0}))
+        key = b"reuse" + np.asarray(full, dtype=np.int64).tobytes()
+        if key not in self._memo:
+            grid = Grid(reuse=tuple(s not in full for s in range(self.n_calls)))
+            with torch.no_grad():
+                images = self.rollouts.run(self.noise, self.cond, grid=grid)
+            self._memo[key] = float(self.rollouts.similarity(images, self.reference))
+            self.evaluations += 1
+        return self._memo[key]
 
     def __call__(self, table) -> float:
         table = np.asarray(table, dtype=bool)
@@ -115,13 +128,10 @@ def genetic_search(evaluate: Evaluator, ratio: float, budget: int = 32, seed: in
 
 
 def step_reuse_search(evaluate: Evaluator, ratio: float, budget: int = 24, progress: bool = True):
-    """The best whole-step reuse schedule found with `budget` evaluations. Returns (table, ssim)."""
-    graph, T = evaluate.graph, evaluate.n_calls
-    cheap = np.zeros(graph.n_units, dtype=bool)
-    k = baselines.best_full_count(graph, T, cheap, ratio)
-
-    def table_of(full):
-        return baselines.table_with_full_steps(T, sorted(full), cheap)
+    """The best whole-step reuse grid found with `budget` evaluations: which calls run the denoiser (the others
+    step with the previous prediction). Returns (sorted full steps, ssim)."""
+    T = evaluate.n_calls
+    k = int(np.clip(round(T * (1 - ratio)), 1, T))  # a reused visit costs nothing, a full one a dense call
 
     def warped(p):  # full steps at T * (j/k)^p: p > 1 crowds them early, p < 1 late
         return set(np.unique(np.floor(T * (np.arange(k) / k) ** p).astype(int)).tolist()) | {0}
@@ -132,6 +142,13 @@ def step_reuse_search(evaluate: Evaluator, ratio: float, budget: int = 24, progr
         return evaluate.evaluations - start
 
     bar = tqdm(total=budget, desc="step-reuse search", disable=not progress)
+
+    def score(full):
+        before = evaluate.evaluations
+        value = evaluate.reuse_score(full)
+        bar.update(evaluate.evaluations - before)
+        return value
+
     best_full, best = None, -np.inf
     for p in (1.0, 1.5, 0.67, 2.0, 0.5, 3.0, 0.33):
         if spent() >= budget:
@@ -139,14 +156,12 @@ def step_reuse_search(evaluate: Evaluator, ratio: float, budget: int = 24, progr
         full = warped(p)
         if len(full) != k:
             continue
-        before = evaluate.evaluations
-        score = evaluate(table_of(full))
-        bar.update(evaluate.evaluations - before)
-        if score > best:
-            best_full, best = full, score
+        value = score(full)
+        if value > best:
+            best_full, best = full, value
     if best_full is None:
         best_full = set(baselines.spread_full_steps(T, k).tolist())
-        best = evaluate(table_of(best_full))
+        best = score(best_full)
     improved = True
     while improved and spent() < budget:  # hill climbing: move one full step by one call
         improved = False
@@ -155,16 +170,14 @@ def step_reuse_search(evaluate: Evaluator, ratio: float, budget: int = 24, progr
                 if spent() >= budget or s + d in best_full or not 0 < s + d < T:
                     continue
                 cand = (best_full - {s}) | {s + d}
-                before = evaluate.evaluations
-                score = evaluate(table_of(cand))
-                bar.update(evaluate.evaluations - before)
-                if score > best:
-                    best_full, best, improved = cand, score, True
+                value = score(cand)
+                if value > best:
+                    best_full, best, improved = cand, value, True
                     break
             if improved:
                 break
     bar.close()
-    return table_of(best_full), best
+    return sorted(best_full), best
 
 
 def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = None, steps: int = 50,
@@ -193,7 +206,8 @@ def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = Non
     n_calls = sampling.rollout_length(scheduler_for(model_or_pipeline, sampler), steps)
 
     if method == "steps":
-        sched = baselines.fewer_steps_schedule(graph, steps, ratio, sampler=sampler, model_hash=h)
+        sched = baselines.fewer_steps_schedule(graph, steps, ratio, sampler=sampler,
+                                               scheduler=scheduler_for(model_or_pipeline, sampler), model_hash=h)
     elif method == "deepcache":
         table = baselines.deepcache_table(graph, n_calls, interval=interval, depth=depth, ratio=ratio,
                                           non_uniform=non_uniform)
@@ -216,13 +230,16 @@ def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = Non
         evaluate = Evaluator(model_or_pipeline, graph, sampler=sampler, num_steps=steps, n_samples=n_samples,
                              guidance_scale=guidance_scale, seed=seed, labels=labels, prompts=prompts,
                              conditions=conditions)
-        search = {"random": lambda: random_search(evaluate, ratio, budget, seed, progress),
-                  "genetic": lambda: genetic_search(evaluate, ratio, budget, seed, progress=progress),
-                  "step-reuse": lambda: step_reuse_search(evaluate, ratio, budget, progress)}[method]
-        table, score = search()
-        sched = _from_table(graph, table, sampler, steps, h, method=method, target_ratio=ratio, ssim=score,
-                            evaluations=evaluate.evaluations, n_samples=n_samples, seed=seed,
-                            guidance_scale=guidance_scale)
+        found = {"random": lambda: random_search(evaluate, ratio, budget, seed, progress),
+                 "genetic": lambda: genetic_search(evaluate, ratio, budget, seed, progress=progress),
+                 "step-reuse": lambda: step_reuse_search(evaluate, ratio, budget, progress)}[method]()
+        settings = dict(ssim=found[1], evaluations=evaluate.evaluations, n_samples=n_samples, seed=seed,
+                        guidance_scale=guidance_scale)
+        if method == "step-reuse":
+            sched = baselines.step_reuse_schedule(graph, steps, ratio, sampler=sampler, full_steps=found[0],
+                                                  model_hash=h, searched=True, **settings)
+        else:
+            sched = _from_table(graph, found[0], sampler, steps, h, method=method, target_ratio=ratio, **settings)
     sched.meta.setdefault("timesteps", timestep_grid(model_or_pipeline, sampler, sched.num_steps))
     return sched
 
