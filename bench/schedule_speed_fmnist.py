@@ -50,7 +50,7 @@ def main():
             if Path(f).name.split("_")[0] not in args.methods.split(","):
                 continue
             sc = Schedule.load(f)
-            fewer = sc.meta.get("method") == "steps"
+            fewer = sc.meta.get("method") == "steps" and sc.grid is None  # a version-1 file: k-step dense
             made_for = sc.meta.get("reference_steps", sc.num_steps) if fewer else sc.num_steps
             if made_for == args.steps:
                 loaded[Path(f).stem] = sc
@@ -59,7 +59,7 @@ def main():
             runs = [("dense", None)] + loaded
             dense_ms = None
             for label, schedule in runs:
-                fewer = schedule is not None and schedule.meta.get("method") == "steps"
+                fewer = schedule is not None and schedule.meta.get("method") == "steps" and schedule.grid is None
                 r = time_rollout(model, None if fewer else schedule, steps=schedule.num_steps if fewer else args.steps,
                                  sampler="ddim", batch=1, cfg=True, guidance_scale=2.0,
                                  mode=mode, repeats=args.repeats, warmup=2)

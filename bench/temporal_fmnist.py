@@ -118,15 +118,15 @@ def main():
             atomic_write_bytes(out / "schedules" / f"{name}.png", schedule_heatmap(sched, graph))
         steps = sched.num_steps if sched is not None else args.steps
         macs = sched.macs(graph) if sched is not None else dense_macs
-        runs_schedule = sched if sched is not None and sched.meta.get("method") != "steps" else None
-        metrics, _ = evaluate(model, schedule=runs_schedule, reference_images=reference,
-                              **{**common, "num_steps": steps})
+        # every method is a schedule of the --steps rollout (fewer steps: one that owns its k-step grid)
+        metrics, _ = evaluate(model, schedule=sched, reference_images=reference, **{**common, "num_steps": steps})
         rows.append({"method": method, "target": target, "macs_ratio_vs_dense": 1 - macs / dense_macs,
                      "speedup_ideal": dense_macs / macs, **{k: metrics.get(k) for k in
                      ("fd_fmnist", "class_accuracy", "ssim_to_reference", "psnr_to_reference")},
                      "search_ssim": sched.meta.get("ssim") if sched is not None else None,
                      "collapsed": (sched.meta.get("collapse") or {}).get("collapsed") if sched is not None else None,
-                     "search_s": search_s, "steps": steps})
+                     "search_s": search_s, "steps": steps,
+                     "calls": sched.n_calls if sched is not None else dense_calls})
         write()
         print(rows[-1], flush=True)
 

@@ -9,6 +9,7 @@ The public API, imported lazily so that `import diffprune` stays cheap:
     train_diffusion(model, images, ...)     training and fine-tuning (TrainConfig.finetune() = paper recipe)
     search_schedule(model, method, ...)     a block-skipping schedule (dipgo, deepcache, steps, ...)
     apply_schedule(model_or_pipe, sched)    run under a schedule (context manager; hooks removed on exit)
+    capture_rollout(model, sched, ...)      a whole rollout as one CUDA graph, returned as a callable
     evaluate(model, ...)                    MACs, FD-FMNIST, class accuracy, SSIM/PSNR to a reference
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ _EXPORTS = {
     "train_diffusion": "diffprune.train", "TrainConfig": "diffprune.train",
     "search_schedule": "diffprune.schedule", "apply_schedule": "diffprune.schedule", "Schedule": "diffprune.schedule",
     "evaluate": "diffprune.evaluate", "DiffpruneError": "diffprune.errors",
+    "capture_rollout": "diffprune.capture",
 }
 __all__ = sorted(_EXPORTS)
 
