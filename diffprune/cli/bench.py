@@ -66,8 +66,8 @@ def run(args):
         if m not in latency.MODES:
             raise DiffpruneError(f"unknown --mode {m!r}; choose from {', '.join(latency.MODES)}")
     if {"graph", "capture"} & set(modes) and not device.startswith("cuda"):
-        raise DiffpruneError("--mode graph/capture capture CUDA graphs and need --device cuda; use --mode eager on a "
-                             "CPU")
+        raise DiffpruneError("--mode graph and capture record CUDA graphs, which needs --device cuda; use --mode "
+                             "eager on a CPU")
     if args.no_dense and not args.schedule:
         raise DiffpruneError("--no-dense needs --schedule (otherwise there is nothing to time)")
 
