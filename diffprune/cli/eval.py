@@ -11,7 +11,8 @@ def add_parser(sub):
     p.add_argument("model", help="zoo name or local model directory (e.g. a pruned model)")
     p.add_argument("--reference", help="model whose samples from the same noise SSIM/PSNR compare against "
                                        "(e.g. the dense model for a pruned one)")
-    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--n", "--num-samples", type=int, default=1000, dest="n",
+                   help="number of samples (default 1000; --num-samples under torchrun, which takes --n for itself)")
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch size (default 250)")
     p.add_argument("--json", help="write the metrics to this JSON file")
     from ._common import add_sampling_args
@@ -22,6 +23,7 @@ def add_parser(sub):
 def run(args):
     import json
 
+    from ..distributed import processes
     from ..evaluate import METRIC_COLUMNS, evaluate, format_table
     from ..util import atomic_write_text, denoiser_of, positive_int
     from ._common import load_for_sampling, load_schedule
@@ -37,6 +39,10 @@ def run(args):
                           seed=args.seed, batch_size=args.batch_size)
     metrics["name"] = args.model + (f" + {args.schedule}" if args.schedule else "")
     metrics["device"] = args.device
+    procs = processes(args.device)  # under `accelerate launch` the samples were split; the main process reports
+    metrics["processes"] = procs.num_processes
+    if not procs.is_main_process:
+        return 0
     print(format_table([metrics], METRIC_COLUMNS))
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics, indent=1))

@@ -26,10 +26,11 @@ def run(args):
     import torch
 
     from ..data import CLASSES
+    from ..distributed import processes
     from ..errors import DiffpruneError
     from ..images import save_grid
     from ..models import get_adapter
-    from ..sampling import generate, sample
+    from ..sampling import generate
     from ..util import atomic_write_bytes, denoiser_of, positive_int
     from ._common import load_for_sampling, load_schedule
 
@@ -44,11 +45,14 @@ def run(args):
     model = denoiser_of(obj)
     adapter = get_adapter(model)
     labels, rows = None, None
+    procs = processes(args.device)
     from ..evaluate import _schedule_ctx
     with _schedule_ctx(obj, schedule):
         if obj is not model:  # a pipeline
             if not args.prompt:
                 raise DiffpruneError("a pipeline needs at least one --prompt")
+            if procs.num_processes > 1:
+                raise DiffpruneError("pipelines sample in one process for now; run without accelerate launch")
             images = generate(obj, args.prompt, num_steps=args.steps, sampler=args.sampler,
                               guidance_scale=args.guidance_scale, seed=args.seed)
             ncol = len(args.prompt)
@@ -59,8 +63,7 @@ def run(args):
             if bad:
                 raise DiffpruneError(f"--classes {bad} out of range: the model has classes 0..{k - 1}")
             labels = torch.tensor(classes).repeat_interleave(args.per_class)
-            images = sample(model, args.steps, args.sampler, labels=labels.to(args.device),
-                            guidance_scale=args.guidance_scale, seed=args.seed, progress=True)
+            images = _sample_shared(model, args, len(labels), labels, procs)
             ncol = args.per_class
             rows = [CLASSES[c] if k == len(CLASSES) else str(c) for c in classes]
         elif adapter.conditioning == "text":
@@ -68,11 +71,13 @@ def run(args):
                                  "point at the pipeline directory instead")
         else:
             n = args.n or 16
-            images = sample(model, args.steps, args.sampler, batch=n, seed=args.seed, progress=True)
+            images = _sample_shared(model, args, n, None, procs)
             ncol = min(n, 8)
     if images.shape[1] not in (1, 3):
         raise DiffpruneError("these are latents (the model is a latent denoiser); point at a pipeline directory "
                              "to decode them into images")
+    if not procs.is_main_process:
+        return 0
     title = f"{args.model}: {args.sampler} {args.steps} steps, cfg {args.guidance_scale:g}, seed {args.seed}"
     if schedule is not None:
         title += f", schedule {schedule.meta.get('method', '')}"
@@ -85,3 +90,28 @@ def run(args):
         atomic_write_bytes(args.npz, buf.getvalue())
         print(f"wrote {args.npz}")
     return 0
+
+
+def _sample_shared(model, args, n, labels, procs):
+    """n samples from one seed's noise; under `accelerate launch` each process runs a contiguous share of the
+    batch and all are gathered, so the grid matches a one-process run (up to batch-size rounding in the kernels)."""
+    import torch
+
+    from ..errors import DiffpruneError
+    from ..sampling import make_noise, sample
+    if procs.num_processes > 1 and args.sampler.lower() in ("ddpm", "lcm"):
+        raise DiffpruneError(f"the {args.sampler} sampler draws step noise for the whole batch, so a share of it "
+                             f"cannot match a one-process run; use a deterministic sampler (ddim, plms, "
+                             f"dpm-solver++) with several processes, or run one")
+    if n < procs.num_processes:
+        raise DiffpruneError(f"{n} samples cannot be shared by {procs.num_processes} processes; ask for more")
+    noise = make_noise(model, n, seed=args.seed)  # the whole batch's noise, as one process would draw it
+    part = torch.arange(n).tensor_split(procs.num_processes)[procs.process_index]
+    mine = sample(model, args.steps, args.sampler, noise=noise[part],
+                  labels=labels[part].to(args.device) if labels is not None else None,
+                  guidance_scale=args.guidance_scale, seed=args.seed, progress=procs.is_main_process).cpu()
+    if procs.num_processes == 1:
+        return mine
+    parts = [None] * procs.num_processes
+    torch.distributed.all_gather_object(parts, mine)
+    return torch.cat(parts)

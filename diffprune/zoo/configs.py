@@ -32,7 +32,7 @@ CONFIGS = {
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
         axes_dims_rope=(4, 4, 8))),
     "tiny-sd3": dict(class_="SD3Transformer2DModel", about="tiny SD3 MMDiT (tests)", config=dict(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
         pos_embed_max_size=16)),
     # ---- real-size architectures, random weights -------------------------------------------------
