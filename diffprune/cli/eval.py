@@ -32,6 +32,7 @@ def run(args):
     positive_int(args.steps, "--steps")
     positive_int(args.batch_size, "--batch-size")
     schedule = load_schedule(args.schedule)
+    procs = processes(args.device)  # first: under accelerate launch it makes "cuda" this process's GPU
     model = denoiser_of(load_for_sampling(args.model, args.device, args.dtype))
     ref = denoiser_of(load_for_sampling(args.reference, args.device, args.dtype)) if args.reference else None
     metrics, _ = evaluate(model, schedule=schedule, reference_model=ref, num_steps=args.steps,
@@ -39,8 +40,7 @@ def run(args):
                           seed=args.seed, batch_size=args.batch_size)
     metrics["name"] = args.model + (f" + {args.schedule}" if args.schedule else "")
     metrics["device"] = args.device
-    procs = processes(args.device)  # under `accelerate launch` the samples were split; the main process reports
-    metrics["processes"] = procs.num_processes
+    metrics["processes"] = procs.num_processes  # the samples were split over them; the main process reports
     if not procs.is_main_process:
         return 0
     print(format_table([metrics], METRIC_COLUMNS))

@@ -41,11 +41,11 @@ def run(args):
     if not str(args.out).lower().endswith(".png"):
         raise DiffpruneError(f"--out must name a .png file, got {args.out}")
     schedule = load_schedule(args.schedule)
+    procs = processes(args.device)  # first: under accelerate launch it makes "cuda" this process's GPU
     obj = load_for_sampling(args.model, args.device, args.dtype)
     model = denoiser_of(obj)
     adapter = get_adapter(model)
     labels, rows = None, None
-    procs = processes(args.device)
     from ..evaluate import _schedule_ctx
     with _schedule_ctx(obj, schedule):
         if obj is not model:  # a pipeline
