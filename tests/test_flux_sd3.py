@@ -6,7 +6,7 @@ import torch
 
 from diffprune import apply_schedule, search_schedule, zoo
 from diffprune.errors import DiffpruneError
-from diffprune.models import build_graph
+from diffprune.models import build_graph, get_adapter
 from diffprune.sampling import generate, make_scheduler, rollout_length, sample
 from diffprune.schedule import Schedule
 from diffprune.zoo.pipelines import save_tiny_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
@@ -41,6 +41,61 @@ def test_units_at_both_granularities():
     assert "transformer_blocks.2.ff_context" not in g.units  # the last joint block is context-pre-only
     assert g.consumers["transformer_blocks.1.ff_context"] == ["transformer_blocks.2.attn"]  # text feeds attention only
     assert build_graph(sd3).consumers["transformer_blocks.2"] == ["<output>"]
+
+
+def _outputs(model, units, run, perturb=None):
+    """Every unit's outputs (all tensors of a tuple, flattened) in one run; optionally shift one unit's outputs."""
+    outs, handles, mods = {}, [], dict(model.named_modules())
+    for u in units:
+        def hook(mod, args, out, u=u):
+            if u == perturb:
+                out = out + 0.5 if torch.is_tensor(out) else type(out)(o if o is None else o + 0.5 for o in out)
+            tensors = [out] if torch.is_tensor(out) else [o for o in out if o is not None]  # SD3's last: (None, x)
+            outs[u] = torch.cat([o.flatten() for o in tensors]).clone()
+            return out
+        handles.append(mods[u].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            final = run()
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, final
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+@pytest.mark.parametrize("granularity", ["coarse", "fine"])
+def test_macs_match_torch_pruning_and_the_traced_flow_is_exact(name, granularity):
+    import torch_pruning as tp
+    model = zoo.build(name)
+    graph = build_graph(model, granularity, height=8, width=8)
+    adapter = get_adapter(model)
+    x, t, cond = adapter.example_inputs(model, height=8, width=8)
+
+    class Call(torch.nn.Module):  # torch-pruning's counter wants one positional input
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return adapter.predict_noise(self.model, x, t, cond)
+
+    macs, params = tp.utils.count_ops_and_params(Call(), example_inputs=x)
+    assert graph.total_macs == int(macs) and graph.total_params == params
+    assert all(graph.macs[u] > 0 for u in graph.units)
+    run = lambda: adapter.predict_noise(model, x, t, cond)  # noqa: E731
+    base, base_out = _outputs(model, graph.units, run)
+    for u in graph.units:  # shifting a unit's output changes exactly the units the trace says read it, transitively
+        outs, out = _outputs(model, graph.units, run, perturb=u)
+        changed = {v for v in graph.units if v != u and not torch.equal(outs[v], base[v])}
+        todo, downstream = [u], set()
+        while todo:
+            for c in graph.consumers[todo.pop()]:
+                if c != "<output>" and c not in downstream:
+                    downstream.add(c)
+                    todo.append(c)
+        assert changed == downstream, (u, changed ^ downstream)
+        assert not torch.equal(out, base_out)
 
 
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
