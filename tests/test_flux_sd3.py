@@ -239,3 +239,19 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_fine_schedules_on_the_bare_denoisers(name):
+    model = zoo.build(name)
+    graph = build_graph(model, "fine", height=8, width=8)
+    kw = dict(cond=_cond(2), uncond={k: torch.zeros_like(v) for k, v in _cond(2).items()}, guidance_scale=3.0,
+              height=8, width=8)
+    dense = sample(model, 5, "flow-euler", **kw)
+    with apply_schedule(model, Schedule.keep_all(graph, 5, sampler="flow-euler", model=model)):
+        assert torch.equal(sample(model, 5, "flow-euler", **kw), dense)
+    table = np.random.default_rng(0).random((5, graph.n_units)) < 0.5
+    table[0] = True
+    with apply_schedule(model, Schedule.from_table(graph, table, sampler="flow-euler", num_steps=5, model=model)):
+        skipped = sample(model, 5, "flow-euler", **kw)
+    assert torch.isfinite(skipped).all() and not torch.equal(skipped, dense)
