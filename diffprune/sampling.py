@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 
 import torch
@@ -223,38 +224,34 @@ def _set_timesteps(sched, num_steps, device=None):
         raise DiffpruneError(f"{type(sched).__name__} cannot run {num_steps} steps: {e}") from e
 
 
+@functools.cache
 def _flow_euler_class():
     """FlowMatchEulerDiscreteScheduler whose set_timesteps(n) also works for FLUX's resolution-dependent shift:
     it then uses FluxPipeline's sigma grid and its mu for `image_seq_len` image tokens (set by sample(); the
-    config's base length otherwise, which changes the timesteps but not their number)."""
-    global _FlowEuler
-    if _FlowEuler is None:
-        import diffusers
-        import numpy as np
+    config's base length otherwise, which changes the timesteps but not their number). Made on first use, as
+    diffusers is imported lazily here."""
+    import diffusers
+    import numpy as np
 
-        class FlowEuler(diffusers.FlowMatchEulerDiscreteScheduler):
-            image_seq_len: int | None = None
-            init_noise_sigma = 1.0  # the loop's DDPM-family conventions: noise is not scaled, nor the input
+    class FlowEuler(diffusers.FlowMatchEulerDiscreteScheduler):
+        image_seq_len: int | None = None
+        init_noise_sigma = 1.0  # the loop's DDPM-family conventions: noise is not scaled, nor the input
 
-            def scale_model_input(self, sample, timestep=None):
-                return sample
+        def scale_model_input(self, sample, timestep=None):
+            return sample
 
-            def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
-                cfg = self.config
-                if cfg.use_dynamic_shifting and mu is None:
-                    n = self.image_seq_len or cfg.base_image_seq_len
-                    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
-                    mu = cfg.base_shift + slope * (n - cfg.base_image_seq_len)
-                    if sigmas is None and timesteps is None and num_inference_steps:
-                        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-                super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu,
-                                      timesteps=timesteps)
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+            cfg = self.config
+            if cfg.use_dynamic_shifting and mu is None:
+                n = self.image_seq_len or cfg.base_image_seq_len
+                slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+                mu = cfg.base_shift + slope * (n - cfg.base_image_seq_len)
+                if sigmas is None and timesteps is None and num_inference_steps:
+                    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+            super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu,
+                                  timesteps=timesteps)
 
-        _FlowEuler = FlowEuler
-    return _FlowEuler
-
-
-_FlowEuler = None
+    return FlowEuler
 
 
 def _flow_ready(adapter, sched):
@@ -377,8 +374,8 @@ def _check_sd_pipeline(pipe):
     import diffusers
     if not isinstance(pipe, (diffusers.StableDiffusionPipeline, diffusers.FluxPipeline,
                              diffusers.StableDiffusion3Pipeline)):
-        raise DiffpruneError(f"generate/encode_prompts support Stable Diffusion 1.x/2.x, FLUX and SD3 pipelines, got "
-                             f"{type(pipe).__name__}; call the pipeline itself, or sample() with your own cond")
+        raise DiffpruneError(f"generate/encode_prompts support Stable Diffusion 1.x/2.x, FLUX and SD3 pipelines, "
+                             f"got {type(pipe).__name__}; call the pipeline itself, or sample() with your own cond")
 
 
 def _prompt_list(prompts, name):

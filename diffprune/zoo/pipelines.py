@@ -121,9 +121,9 @@ def tiny_sd3_pipeline(seed: int = 0):
         clip, clip_tok = _tiny_clip(seed + 2, half, projection=True)
         clip2, clip2_tok = _tiny_clip(seed + 3, half, projection=True)
         torch.manual_seed(seed + 4)
-        t5 = T5EncoderModel(T5Config(vocab_size=len(_tiny_t5_tokenizer()), d_model=transformer.config.joint_attention_dim,
-                                     d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                     relative_attention_num_buckets=8)).eval()
+        dim = transformer.config.joint_attention_dim
+        t5 = T5EncoderModel(T5Config(vocab_size=len(_tiny_t5_tokenizer()), d_model=dim, d_kv=8, d_ff=64,
+                                     num_layers=2, num_heads=4, relative_attention_num_buckets=8)).eval()
     pipe = diffusers.StableDiffusion3Pipeline(
         transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=clip, tokenizer=clip_tok, text_encoder_2=clip2, tokenizer_2=clip2_tok, text_encoder_3=t5,
