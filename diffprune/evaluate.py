@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import processes
 from .errors import DiffpruneError
 from .models import build_graph, count_params, get_adapter
 from .sampling import make_noise, rollout_length, sample
@@ -36,7 +37,10 @@ def generate_set(model, n: int, *, num_steps: int = 50, sampler: str = "ddim", g
                  seed: int = 0, batch_size: int = 250, schedule=None, labels: torch.Tensor | None = None,
                  progress: bool = True, desc: str = "sampling") -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """n samples (float32, CPU) and their labels (class-conditional models: balanced classes), plus the wall time
-    in seconds. Batch b starts from make_noise(seed + b)."""
+    in seconds. Batch b starts from make_noise(seed + b).
+
+    Under `accelerate launch` (or torchrun) the batches are dealt out to the processes (batch b to process
+    b mod world) and gathered, so every process returns the same samples a single process would make."""
     positive_int(n, "number of samples")
     positive_int(batch_size, "batch size")
     adapter = get_adapter(model)
@@ -49,18 +53,27 @@ def generate_set(model, n: int, *, num_steps: int = 50, sampler: str = "ddim", g
     if schedule is not None:
         schedule.check(sampler=sampler, num_steps=num_steps)
     grid = schedule.grid if schedule is not None else None
-    out = []
+    procs = processes(next(model.parameters()).device)
+    starts = list(range(0, n, batch_size))
+    mine = [b for b in range(len(starts)) if b % procs.num_processes == procs.process_index]
+    out = {}
     start = time.perf_counter()
     with _schedule_ctx(model, schedule):
-        for b, i in enumerate(tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)):
+        for b in tqdm(mine, desc=desc, disable=not (progress and procs.is_main_process), leave=False):
+            i = starts[b]
             m = min(batch_size, n - i)
             noise = make_noise(model, m, seed=seed + b)
             lab = labels[i:i + m].to(noise.device) if labels is not None else None
-            out.append(sample(model, num_steps, sampler, labels=lab, noise=noise, guidance_scale=guidance_scale,
-                              seed=seed + b, grid=grid).cpu())
+            out[b] = sample(model, num_steps, sampler, labels=lab, noise=noise, guidance_scale=guidance_scale,
+                            seed=seed + b, grid=grid).cpu()
     if next(model.parameters()).is_cuda:
         torch.cuda.synchronize()
-    return torch.cat(out), labels, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if procs.num_processes > 1:  # every process gets every batch: metrics then agree without another exchange
+        parts = [None] * procs.num_processes
+        torch.distributed.all_gather_object(parts, out)
+        out = {b: t for part in parts for b, t in part.items()}
+    return torch.cat([out[b] for b in range(len(starts))]), labels, seconds
 
 
 def macs_summary(model, *, num_steps: int, sampler: str, schedule=None, guidance_scale: float = 1.0) -> dict:

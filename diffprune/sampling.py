@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 
 import torch
@@ -21,7 +22,7 @@ from .grid import Grid, set_grid
 from .models import get_adapter
 from .util import denoiser_of, positive_int
 
-SAMPLERS = ("ddpm", "ddim", "plms", "dpm-solver++", "lcm")
+SAMPLERS = ("ddpm", "ddim", "plms", "dpm-solver++", "lcm", "flow-euler")
 _ALIASES = {"pndm": "plms"}
 
 # The schedule the Fashion-MNIST models are trained with (DDPM, Ho et al. 2020).
@@ -43,16 +44,20 @@ def make_scheduler(name: str, config: dict | None = None):
     classes = {"ddpm": (diffusers.DDPMScheduler, {}), "ddim": (diffusers.DDIMScheduler, {}),
                "plms": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
                "dpm-solver++": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-               "lcm": (diffusers.LCMScheduler, {})}
+               "lcm": (diffusers.LCMScheduler, {}),
+               "flow-euler": (_flow_euler_class(), {})}
     if key not in classes:
         raise DiffpruneError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     cls, fixed = classes[key]
+    if key == "flow-euler" and config is None:
+        return cls(shift=3.0)  # SD3's static shift; a pipeline's config (FLUX: shift by image size) replaces it
     if config is None:
         return cls(**_TRAINING_SCHEDULE, **fixed)
     config = dict(config)
     # a pipeline's config that does not say otherwise is a latent model's: latents are not confined to [-1, 1],
     # so they must not be clipped (DDIM's default would clip them)
-    config.setdefault("clip_sample", False)
+    if key != "flow-euler":
+        config.setdefault("clip_sample", False)
     return cls.from_config(config, **fixed)
 
 
@@ -165,15 +170,26 @@ def plan_rollout(model, num_steps: int, sampler: str = "ddim", *, labels=None, b
     sched = copy.deepcopy(scheduler) if scheduler is not None else make_scheduler(sampler)
     if eta and "eta" not in inspect.signature(sched.step).parameters:
         raise DiffpruneError(f"eta only applies to the ddim sampler, not {type(sched).__name__}; leave it at 0")
+    sched = _flow_ready(adapter, sched)
+    if hasattr(sched, "image_seq_len"):  # FLUX's shift depends on the number of image tokens
+        _, h, w = adapter.sample_shape(model, *(noise.shape[-2:] if noise is not None else (height, width)))
+        sched.image_seq_len = h * w // adapter.spatial_multiple(model) ** 2
     sched = set_grid(sched, num_steps, grid.timesteps if grid else None,
                      device if timestep_device == "model" else timestep_device)
     reuse = (grid or Grid()).reuse_flags(len(sched.timesteps))
-    guided = guidance_scale > 1.0
+    distilled = adapter.distilled_guidance(model)
+    guided = guidance_scale > 1.0 and not distilled
     cond, uncond, n = _conditioning(adapter, model, labels, cond, uncond, guided, batch, noise, device, dtype)
+    if distilled:  # guidance-distilled FLUX: the scale is a model input, one call per step, no doubled batch
+        if "guidance" in cond:
+            raise DiffpruneError("give the guidance of a guidance-distilled model as guidance_scale, not in cond")
+        cond = {**cond, "guidance": torch.full((n,), guidance_scale, device=device, dtype=dtype)}
     gen = torch.Generator().manual_seed(seed)
+    # the loop's guidance: 1 (no doubled batch) for a guidance-distilled model, whose scale is an input
     return RolloutPlan(adapter=adapter, device=device, dtype=dtype, scheduler=sched, reuse=reuse,
-                       model_cond=_cat(uncond, cond) if guided else cond, batch=n, guidance_scale=guidance_scale,
-                       step_kwargs=_step_kwargs(sched, eta, gen), generator=gen)
+                       model_cond=_cat(uncond, cond) if guided else cond, batch=n,
+                       guidance_scale=guidance_scale if guided else 1.0, step_kwargs=_step_kwargs(sched, eta, gen),
+                       generator=gen)
 
 
 def finish(model, x: torch.Tensor) -> torch.Tensor:
@@ -209,6 +225,18 @@ def encode_prompts(pipe, prompts, negative_prompts=None) -> tuple[dict, dict]:
         if len(negative_prompts) != len(prompts):
             raise DiffpruneError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
     device = next(denoiser_of(pipe).parameters()).device
+    import diffusers
+    if isinstance(pipe, diffusers.FluxPipeline):  # T5 tokens + pooled CLIP; the negative only serves true CFG
+        def flux(texts):
+            emb, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=device)
+            return {"encoder_hidden_states": emb, "pooled_projections": pooled}
+        return flux(prompts), flux(negative_prompts or [""] * len(prompts))
+    if isinstance(pipe, diffusers.StableDiffusion3Pipeline):
+        emb, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=True,
+            negative_prompt=negative_prompts)
+        return ({"encoder_hidden_states": emb, "pooled_projections": pooled},
+                {"encoder_hidden_states": neg, "pooled_projections": neg_pooled})
     emb, neg = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                   do_classifier_free_guidance=True, negative_prompt=negative_prompts)
     return {"encoder_hidden_states": emb}, {"encoder_hidden_states": neg}
@@ -237,7 +265,7 @@ def generate(pipe, prompts, num_steps: int = 50, sampler: str | None = None, gui
     unet = denoiser_of(pipe)
     sched = copy.deepcopy(pipe.scheduler) if sampler is None else make_scheduler(sampler, pipe.scheduler.config)
     f = pipe.vae_scale_factor
-    size = unet.config.sample_size * f
+    size = get_adapter(unet).sample_shape(unet)[1] * f
     height, width = height or size, width or size
     if height % f or width % f:
         raise DiffpruneError(f"height and width must be multiples of {f} (the VAE's downsampling), "
@@ -252,6 +280,52 @@ def generate(pipe, prompts, num_steps: int = 50, sampler: str | None = None, gui
 
 
 # ----- helpers -----------------------------------------------------------------------------------------------
+
+@functools.cache
+def _flow_euler_class():
+    """FlowMatchEulerDiscreteScheduler whose set_timesteps(n) also works for FLUX's resolution-dependent shift:
+    it then uses FluxPipeline's sigma grid and its mu for `image_seq_len` image tokens (set by sample(); the
+    config's base length otherwise, which changes the timesteps but not their number). Made on first use, as
+    diffusers is imported lazily here."""
+    import diffusers
+    import numpy as np
+
+    class FlowEuler(diffusers.FlowMatchEulerDiscreteScheduler):
+        image_seq_len: int | None = None
+        init_noise_sigma = 1.0  # the loop's DDPM-family conventions: noise is not scaled, nor the input
+
+        def scale_model_input(self, sample, timestep=None):
+            return sample
+
+        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+            cfg = self.config
+            if cfg.use_dynamic_shifting and mu is None:
+                n = self.image_seq_len or cfg.base_image_seq_len
+                slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+                mu = cfg.base_shift + slope * (n - cfg.base_image_seq_len)
+                if sigmas is None and timesteps is None and num_inference_steps:
+                    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+            super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu,
+                                  timesteps=timesteps)
+
+    return FlowEuler
+
+
+def _flow_ready(adapter, sched):
+    """The scheduler, checked against the model's prediction type; a pipeline's own flow-matching scheduler is
+    rebuilt from its config as the flow-euler sampler (the loop needs its conventions)."""
+    import diffusers
+    flow_sched = isinstance(sched, diffusers.FlowMatchEulerDiscreteScheduler)
+    if flow_sched and not isinstance(sched, _flow_euler_class()):
+        sched = _flow_euler_class().from_config(sched.config)
+    if adapter.prediction == "flow" and not flow_sched:
+        raise DiffpruneError(f"{adapter.family} is a flow-matching model: sample it with sampler 'flow-euler', "
+                             f"not {type(sched).__name__}")
+    if adapter.prediction != "flow" and flow_sched:
+        raise DiffpruneError(f"the flow-euler sampler is for flow-matching models (FLUX, SD3); this "
+                             f"{adapter.family} model predicts noise: use ddim, plms, ...")
+    return sched
+
 
 def _noise(model, batch, generator, height, width):
     shape = (batch, *get_adapter(model).sample_shape(model, height, width))
@@ -355,9 +429,10 @@ def _recomputing(model, step):
 
 def _check_sd_pipeline(pipe):
     import diffusers
-    if not isinstance(pipe, diffusers.StableDiffusionPipeline):
-        raise DiffpruneError(f"generate/encode_prompts support Stable Diffusion 1.x/2.x pipelines, got "
-                             f"{type(pipe).__name__}; call the pipeline itself, or sample() with your own cond")
+    if not isinstance(pipe, (diffusers.StableDiffusionPipeline, diffusers.FluxPipeline,
+                             diffusers.StableDiffusion3Pipeline)):
+        raise DiffpruneError(f"generate/encode_prompts support Stable Diffusion 1.x/2.x, FLUX and SD3 pipelines, "
+                             f"got {type(pipe).__name__}; call the pipeline itself, or sample() with your own cond")
 
 
 def _prompt_list(prompts, name):

@@ -11,7 +11,8 @@ def add_parser(sub):
     p.add_argument("model", help="zoo name or local model directory (e.g. a pruned model)")
     p.add_argument("--reference", help="model whose samples from the same noise SSIM/PSNR compare against "
                                        "(e.g. the dense model for a pruned one)")
-    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--n", "--num-samples", type=int, default=1000, dest="n",
+                   help="number of samples (default 1000; --num-samples under torchrun, which takes --n for itself)")
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch size (default 250)")
     p.add_argument("--json", help="write the metrics to this JSON file")
     from ._common import add_sampling_args
@@ -22,6 +23,7 @@ def add_parser(sub):
 def run(args):
     import json
 
+    from ..distributed import processes
     from ..evaluate import METRIC_COLUMNS, evaluate, format_table
     from ..util import atomic_write_text, denoiser_of, positive_int
     from ._common import load_for_sampling, load_schedule, resolve_rollout
@@ -30,6 +32,7 @@ def run(args):
     positive_int(args.batch_size, "--batch-size")
     schedule = load_schedule(args.schedule)
     resolve_rollout(args, schedule)
+    procs = processes(args.device)  # first: under accelerate launch it makes "cuda" this process's GPU
     model = denoiser_of(load_for_sampling(args.model, args.device, args.dtype))
     ref = denoiser_of(load_for_sampling(args.reference, args.device, args.dtype)) if args.reference else None
     metrics, _ = evaluate(model, schedule=schedule, reference_model=ref, num_steps=args.steps,
@@ -37,6 +40,9 @@ def run(args):
                           seed=args.seed, batch_size=args.batch_size)
     metrics["name"] = args.model + (f" + {args.schedule}" if args.schedule else "")
     metrics["device"] = args.device
+    metrics["processes"] = procs.num_processes  # the samples were split over them; the main process reports
+    if not procs.is_main_process:
+        return 0
     print(format_table([metrics], METRIC_COLUMNS))
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics, indent=1))

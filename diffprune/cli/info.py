@@ -24,6 +24,8 @@ def add_parser(sub):
 
 
 def run(args):
+    import os
+
     from .. import zoo
     from ..errors import DiffpruneError
     from ..models import build_graph
@@ -34,7 +36,11 @@ def run(args):
             print(f"{name:14s} {zoo.describe(name)}")
         return 0
     positive_int(args.batch, "--batch")
-    model = denoiser_of(zoo.load_model(args.model))
+    if args.model in zoo.CONFIGS and not os.path.exists(args.model):
+        # shapes are all info needs: the meta device builds even FLUX's 12B parameters without memory
+        model = zoo.build(args.model, weights=False, device="meta")
+    else:
+        model = denoiser_of(zoo.load_model(args.model))
     graph = build_graph(model, args.granularity, batch=args.batch, height=args.height, width=args.width,
                         include_attention=args.attention_macs)
     if args.json:

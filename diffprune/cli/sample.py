@@ -44,11 +44,12 @@ def run(args):
     import torch
 
     from ..data import CLASSES
+    from ..distributed import processes
     from ..errors import DiffpruneError
     from ..images import save_grid
     from ..models import get_adapter
     from ..capture import capture_rollout
-    from ..sampling import generate, sample
+    from ..sampling import generate
     from ..util import atomic_write_bytes, denoiser_of, positive_int
     from ._common import load_for_sampling, load_schedule, resolve_rollout
 
@@ -60,6 +61,9 @@ def run(args):
     schedule = load_schedule(args.schedule)
     resolve_rollout(args, schedule)
     grid = schedule.grid if schedule is not None else None
+    procs = processes(args.device)  # first: under accelerate launch it makes "cuda" this process's GPU
+    if args.compile and procs.num_processes > 1:
+        raise DiffpruneError("--compile runs in one process; run without accelerate launch")
     obj = load_for_sampling(args.model, args.device, args.dtype)
     model = denoiser_of(obj)
     adapter = get_adapter(model)
@@ -71,6 +75,8 @@ def run(args):
         if obj is not model:  # a pipeline
             if not args.prompt:
                 raise DiffpruneError("a pipeline needs at least one --prompt")
+            if procs.num_processes > 1:
+                raise DiffpruneError("pipelines sample in one process for now; run without accelerate launch")
             if args.compile:
                 images = _captured_pipeline(obj, schedule, args)
             else:
@@ -89,8 +95,7 @@ def run(args):
                                          batch=len(labels), labels=labels.to(args.device),
                                          guidance_scale=args.guidance_scale)(seed=args.seed)
             else:
-                images = sample(model, args.steps, args.sampler, labels=labels.to(args.device),
-                                guidance_scale=args.guidance_scale, seed=args.seed, grid=grid, progress=True)
+                images = _sample_shared(model, args, len(labels), labels, procs, grid)
             ncol = args.per_class
             rows = [CLASSES[c] if k == len(CLASSES) else str(c) for c in classes]
         elif adapter.conditioning == "text":
@@ -102,11 +107,13 @@ def run(args):
                 images = capture_rollout(model, schedule, steps=args.steps, sampler=args.sampler,
                                          batch=n)(seed=args.seed)
             else:
-                images = sample(model, args.steps, args.sampler, batch=n, seed=args.seed, grid=grid, progress=True)
+                images = _sample_shared(model, args, n, None, procs, grid)
             ncol = min(n, 8)
     if images.shape[1] not in (1, 3):
         raise DiffpruneError("these are latents (the model is a latent denoiser); point at a pipeline directory "
                              "to decode them into images")
+    if not procs.is_main_process:
+        return 0
     title = f"{args.model}: {args.sampler} {args.steps} steps, cfg {args.guidance_scale:g}, seed {args.seed}"
     if schedule is not None:
         title += f", schedule {schedule.meta.get('method', '')}"
@@ -119,3 +126,29 @@ def run(args):
         atomic_write_bytes(args.npz, buf.getvalue())
         print(f"wrote {args.npz}")
     return 0
+
+
+def _sample_shared(model, args, n, labels, procs, grid=None):
+    """n samples from one seed's noise; under `accelerate launch` each process runs a contiguous share of the
+    batch and all are gathered, so the grid matches a one-process run (up to batch-size rounding in the kernels)."""
+    import torch
+
+    from ..errors import DiffpruneError
+    from ..sampling import make_noise, sample
+    if procs.num_processes > 1 and args.sampler.lower() in ("ddpm", "lcm"):
+        raise DiffpruneError(f"the {args.sampler} sampler draws step noise for the whole batch, so a share of it "
+                             f"cannot match a one-process run; use a deterministic sampler (ddim, plms, "
+                             f"dpm-solver++) with several processes, or run one")
+    if n < procs.num_processes:
+        raise DiffpruneError(f"{n} samples cannot be shared by {procs.num_processes} processes; ask for more")
+    noise = make_noise(model, n, seed=args.seed)  # the whole batch's noise, as one process would draw it
+    part = torch.arange(n).tensor_split(procs.num_processes)[procs.process_index]
+    mine = sample(model, args.steps, args.sampler, noise=noise[part],
+                  labels=labels[part].to(args.device) if labels is not None else None,
+                  guidance_scale=args.guidance_scale, seed=args.seed, grid=grid,
+                  progress=procs.is_main_process).cpu()
+    if procs.num_processes == 1:
+        return mine
+    parts = [None] * procs.num_processes
+    torch.distributed.all_gather_object(parts, mine)
+    return torch.cat(parts)

@@ -47,7 +47,10 @@ def module_macs(mod: nn.Module, inputs: tuple, output: Any) -> int:
 def _count_sdpa(add: Callable[[int], None]):
     original = F.scaled_dot_product_attention
 
-    def counted(q, k, v, *args, **kwargs):
+    def counted(*args, **kwargs):
+        # diffusers' attention dispatcher (FLUX, SD3) passes query/key/value by keyword
+        q, k, v = (list(args) + [kwargs.pop(n) for n in ("query", "key", "value")[len(args):]])[:3]
+        args = args[3:]
         # (..., L, E) @ (..., E, S) and (..., L, S) @ (..., S, Ev)
         lead = q.numel() // (q.shape[-2] * q.shape[-1])
         add(lead * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1]))

@@ -21,6 +21,7 @@ class Adapter:
     family: str = ""
     class_name: str = ""
     conditioning: str = "none"      # "none" | "class" | "text"
+    prediction: str = "epsilon"     # "epsilon" (DDPM-family samplers) | "flow" (velocity, flow-euler sampler)
 
     # ----- units -------------------------------------------------------------------------------
     def unit_names(self, model: torch.nn.Module, granularity: str = "coarse") -> list[str]:
@@ -52,6 +53,10 @@ class Adapter:
 
     def example_condition(self, model, batch: int, generator=None, device=None) -> dict:
         return {}
+
+    def distilled_guidance(self, model) -> bool:
+        """Whether the guidance scale is a model input (guidance-distilled FLUX) instead of CFG's doubled batch."""
+        return False
 
     def example_inputs(self, model, batch: int = 1, height=None, width=None, device=None, dtype=None):
         """(x, t, cond) with the model's own shapes, for tracing, MACs and latency."""
@@ -227,8 +232,122 @@ class PixArtAdapter(_TransformerAdapter):
                                       added_cond_kwargs=cond.get("added_cond_kwargs"), return_dict=False)[0])
 
 
+class _FlowTransformerAdapter(Adapter):
+    """Flow-matching MMDiTs (FLUX, SD3): the model predicts a velocity, sampled with the flow-euler sampler; the
+    timestep goes in on the scheduler's 0..1000 scale. Text conditioning: T5 tokens + pooled CLIP embedding."""
+    conditioning = "text"
+    prediction = "flow"
+    native_latent = 128     # 1024 px through an 8x VAE, the size these models are published for
+    text_tokens = 512       # text sequence the MACs are counted at
+
+    def example_condition(self, model, batch, generator=None, device=None):
+        cfg = model.config
+        cond = {"encoder_hidden_states": torch.randn(batch, self.text_tokens, cfg.joint_attention_dim,
+                                                     generator=generator).to(device),
+                "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=generator).to(device)}
+        if self.distilled_guidance(model):
+            cond["guidance"] = torch.full((batch,), 3.5, device=device)
+        return cond
+
+    def null_condition(self, model, batch, device=None):
+        raise DiffpruneError(f"{self.family}: the unconditional branch is the empty prompt's embedding; "
+                             f"pass uncond= explicitly (e.g. from the pipeline's encode_prompt(\"\"))")
+
+    def _check_guidance(self, model, cond):
+        if "guidance" in cond and not self.distilled_guidance(model):
+            raise DiffpruneError(
+                f"this {self.family} model is not guidance-distilled (it takes no guidance input); use "
+                f"classifier-free guidance (guidance_scale > 1 with uncond) instead of a guidance value")
+        if "guidance" not in cond and self.distilled_guidance(model):
+            raise DiffpruneError(f"this {self.family} model is guidance-distilled: it needs cond['guidance'] "
+                                 f"(sample() sets it from guidance_scale)")
+
+
+class FluxAdapter(_FlowTransformerAdapter):
+    """FLUX.1 (diffusers FluxTransformer2DModel): double-stream blocks, then single-stream blocks over the joint
+    text+image sequence. x is the unpacked latent (B, C, H, W); the model sees 2x2 patches packed into tokens,
+    as FluxPipeline packs them. FLUX.1-dev is guidance-distilled: the guidance scale is a model input."""
+    family = "flux"
+    class_name = "FluxTransformer2DModel"
+
+    def unit_names(self, model, granularity="coarse"):
+        _check_granularity(granularity)
+        names = []
+        for prefix, blocks, fine in (("transformer_blocks", model.transformer_blocks, ("attn", "ff", "ff_context")),
+                                     ("single_transformer_blocks", model.single_transformer_blocks,
+                                      ("attn", "proj_mlp"))):
+            for i in range(len(blocks)):
+                if granularity == "coarse":
+                    names.append(f"{prefix}.{i}")
+                else:  # the attention and MLP branches; norms, gates, residuals (and proj_out) always run
+                    names.extend(f"{prefix}.{i}.{k}" for k in fine)
+        return names
+
+    def distilled_guidance(self, model) -> bool:
+        return bool(model.config.guidance_embeds)
+
+    def sample_shape(self, model, height=None, width=None):
+        h, w = height or self.native_latent, width or self.native_latent
+        if h % 2 or w % 2:
+            raise DiffpruneError(f"flux: latent input {h}x{w} must have even sides (2x2 patches are packed into "
+                                 f"tokens); use a size divisible by 2")
+        return (model.config.in_channels // 4, h, w)
+
+    def spatial_multiple(self, model):
+        return 2
+
+    def check_input(self, model, x):
+        c = model.config.in_channels // 4
+        if x.ndim != 4 or x.shape[1] != c or x.shape[-1] % 2 or x.shape[-2] % 2:
+            raise DiffpruneError(f"flux expects unpacked latents of shape (batch, {c}, H, W) with even H and W, "
+                                 f"got {tuple(x.shape)}")
+
+    def predict_noise(self, model, x, t, cond):
+        self._check_guidance(model, cond)
+        b, c, h, w = x.shape
+        tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
+        img_ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
+        text = cond["encoder_hidden_states"]
+        txt_ids = torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype)
+        guidance = cond.get("guidance")
+        out = model(hidden_states=tokens, timestep=t.to(x.dtype) / 1000, guidance=guidance,
+                    pooled_projections=cond["pooled_projections"], encoder_hidden_states=text,
+                    txt_ids=txt_ids, img_ids=img_ids.reshape(-1, 3).to(x.dtype), return_dict=False)[0]
+        return out.view(b, h // 2, w // 2, -1, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, -1, h, w)
+
+
+class SD3Adapter(_FlowTransformerAdapter):
+    """Stable Diffusion 3 / 3.5 (diffusers SD3Transformer2DModel): joint (MMDiT) blocks; CFG as for SD."""
+    family = "sd3"
+    class_name = "SD3Transformer2DModel"
+    text_tokens = 333       # 77 CLIP + 256 T5 tokens, StableDiffusion3Pipeline's default
+
+    def unit_names(self, model, granularity="coarse"):
+        _check_granularity(granularity)
+        names = []
+        for i, block in enumerate(model.transformer_blocks):
+            if granularity == "coarse":
+                names.append(f"transformer_blocks.{i}")
+                continue
+            # attn2: SD3.5's second (image-only) attention; ff_context: absent in the last, context-pre-only block
+            names.extend(f"transformer_blocks.{i}.{k}" for k in ("attn", "attn2", "ff", "ff_context")
+                         if getattr(block, k, None) is not None)
+        return names
+
+    def spatial_multiple(self, model):
+        return model.config.patch_size
+
+    def predict_noise(self, model, x, t, cond):
+        self._check_guidance(model, cond)
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                     pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+
+
 ADAPTERS: dict[str, Adapter] = {a.class_name: a for a in
-                                (UNet2DAdapter(), UNet2DConditionAdapter(), DiTAdapter(), PixArtAdapter())}
+                                (UNet2DAdapter(), UNet2DConditionAdapter(), DiTAdapter(), PixArtAdapter(),
+                                 FluxAdapter(), SD3Adapter())}
 
 
 def supported_families() -> list[str]:

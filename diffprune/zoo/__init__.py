@@ -2,6 +2,7 @@
 speed; nothing is downloaded), and the reference models this project trains and ships."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -29,8 +30,10 @@ def describe(name: str) -> str:
     return CONFIGS[name]["about"] if name in CONFIGS else SHIPPED_ONLY[name]
 
 
-def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, weights: bool = True) -> torch.nn.Module:
-    """Build a zoo model: the shipped checkpoint when one exists (and weights=True), else random weights."""
+def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, weights: bool = True,
+          device: str | torch.device | None = None) -> torch.nn.Module:
+    """Build a zoo model: the shipped checkpoint when one exists (and weights=True), else random weights.
+    device: where the random weights are made; "meta" makes shapes without memory (enough for MACs and units)."""
     if name in SHIPPED_ONLY:
         if not weights:
             raise DiffpruneError(f"{name} exists only as a shipped checkpoint; it has no random-weight build")
@@ -44,7 +47,8 @@ def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, weights:
     entry = CONFIGS[name]
     cls = getattr(diffusers, entry["class"])
     torch.manual_seed(seed)
-    model = cls(**entry["config"])
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = cls(**entry["config"])
     if dtype != torch.float32:
         model = model.to(dtype)
     return model.eval()

@@ -27,6 +27,14 @@ CONFIGS = {
     "tiny-pixart": dict(class_="PixArtTransformer2DModel", about="tiny text-conditional PixArt (tests)", config=dict(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
         sample_size=8, patch_size=2, caption_channels=32, cross_attention_dim=32)),
+    "tiny-flux": dict(class_="FluxTransformer2DModel", about="tiny guidance-distilled FLUX (tests)", config=dict(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8))),
+    "tiny-sd3": dict(class_="SD3Transformer2DModel", about="tiny SD3 MMDiT (tests)", config=dict(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=16)),
     # ---- real-size architectures, random weights -------------------------------------------------
     "ddpm-cifar10": dict(class_="UNet2DModel", about="DDPM CIFAR-10 32x32 UNet (35.7M params)", config=dict(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
@@ -55,6 +63,15 @@ CONFIGS = {
         num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
         sample_size=128, patch_size=2, caption_channels=4096, cross_attention_dim=1152,
         use_additional_conditions=True)),
+    # FLUX.1-dev and SD3-medium: too big to build in CPU memory in float32; `info` counts them on the meta device
+    "flux-dev": dict(class_="FluxTransformer2DModel", about="FLUX.1-dev transformer, 1024px (128x128 latents, 12B)",
+                     config=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                 attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                 pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
+    "sd3-medium": dict(class_="SD3Transformer2DModel", about="SD3-medium transformer, 1024px (128x128 latents, 2B)",
+                       config=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                   caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)),
     # ---- reference models trained by this project on Fashion-MNIST (shipped checkpoints) ----------
     "fmnist-unet": dict(class_="UNet2DModel", about="class-conditional Fashion-MNIST 32x32 pixel UNet (shipped)",
                         config=dict(

@@ -1,4 +1,4 @@
-"""A tiny Stable Diffusion pipeline assembled offline from local parts, for tests and examples.
+"""Tiny Stable Diffusion, FLUX and SD3 pipelines assembled offline from local parts, for tests and examples.
 
 Every part is built from a config with seeded random weights: the zoo's "tiny-sd" UNet, a two-level VAE
 (16x16 images <-> 4x8x8 latents), a two-layer CLIP text encoder, and a byte-level BPE CLIP tokenizer whose
@@ -76,3 +76,105 @@ def _tiny_clip_tokenizer():
         Path(d, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
         Path(d, "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES))
         return CLIPTokenizer.from_pretrained(d, model_max_length=77)
+
+
+# ----- FLUX and SD3 ------------------------------------------------------------------------------------------
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A FluxPipeline of tiny random parts: the zoo's "tiny-flux" transformer (guidance-distilled, like
+    FLUX.1-dev), a 4-channel VAE with a shift factor, a CLIP encoder for the pooled embedding and a T5 encoder for
+    the tokens, and FLUX.1-dev's scheduler config (flow matching, shift by image size). Use heights and widths
+    that are multiples of 4 pixels (16 gives 8x8 latents)."""
+    import diffusers
+    from transformers import T5Config, T5EncoderModel
+
+    from . import build
+    with torch.random.fork_rng(devices=[]):
+        transformer = build("tiny-flux", seed=seed, weights=False)
+        dim = transformer.config.joint_attention_dim
+        vae = _tiny_vae(seed + 1, scaling_factor=0.3611, shift_factor=0.1159)
+        clip, clip_tok = _tiny_clip(seed + 2, transformer.config.pooled_projection_dim)
+        torch.manual_seed(seed + 3)
+        t5 = T5EncoderModel(T5Config(vocab_size=len(_tiny_t5_tokenizer()), d_model=dim, d_kv=8, d_ff=64,
+                                     num_layers=2, num_heads=4, relative_attention_num_buckets=8)).eval()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok,
+                                  text_encoder_2=t5, tokenizer_2=_tiny_t5_tokenizer(), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A StableDiffusion3Pipeline of tiny random parts: the zoo's "tiny-sd3" transformer, two CLIP encoders with
+    projections (their pooled outputs concatenated), a T5 encoder, a 4-channel VAE and SD3's scheduler config
+    (flow matching, shift 3). Native size 16x16 pixels (8x8 latents)."""
+    import diffusers
+    from transformers import T5Config, T5EncoderModel
+
+    from . import build
+    with torch.random.fork_rng(devices=[]):
+        transformer = build("tiny-sd3", seed=seed, weights=False)
+        half = transformer.config.pooled_projection_dim // 2
+        vae = _tiny_vae(seed + 1, scaling_factor=1.5305, shift_factor=0.0609)
+        clip, clip_tok = _tiny_clip(seed + 2, half, projection=True)
+        clip2, clip2_tok = _tiny_clip(seed + 3, half, projection=True)
+        torch.manual_seed(seed + 4)
+        dim = transformer.config.joint_attention_dim
+        t5 = T5EncoderModel(T5Config(vocab_size=len(_tiny_t5_tokenizer()), d_model=dim, d_kv=8, d_ff=64,
+                                     num_layers=2, num_heads=4, relative_attention_num_buckets=8)).eval()
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip, tokenizer=clip_tok, text_encoder_2=clip2, tokenizer_2=clip2_tok, text_encoder_3=t5,
+        tokenizer_3=_tiny_t5_tokenizer())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_pipeline(kind: str, path: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write tiny_{kind}_pipeline (kind: sd, flux, sd3) as a diffusers pipeline directory, atomically."""
+    makers = {"sd": tiny_sd_pipeline, "flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline}
+    with output_directory(path, overwrite=overwrite) as tmp:
+        makers[kind](seed).save_pretrained(tmp, safe_serialization=True)
+    return Path(path)
+
+
+def _tiny_vae(seed, **factors):
+    import diffusers
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=16, **factors).eval()
+
+
+def _tiny_clip(seed, hidden, projection=False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    tokenizer = _tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    model = cls(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, projection_dim=hidden,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)).eval()
+    return model, tokenizer
+
+
+def _tiny_t5_tokenizer():
+    """A T5 (unigram, sentencepiece-style) tokenizer over printable ASCII and a few words, built in memory."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in string.printable.strip()]
+    vocab += [("\u2581" + w, -1.0) for w in ("a", "the", "photo", "of", "cat", "dog", "and", "in")]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
