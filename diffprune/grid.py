@@ -6,7 +6,8 @@ the sampler goes straight from the previous visited timestep to the next), and `
 sampler steps with the previous prediction instead of calling the denoiser (*reused*). Fewer sampler steps, whole-step
 reuse and a searched grid are all grids; a schedule (schedule/schedule.py) carries one beside its keep table.
 
-Reuse and drop are different rollouts in general, but for DDIM with eta 0 (no x0 clipping) a run of reused
+Reuse and drop are different rollouts in general, but for DDIM with eta 0 (no x0 clipping) and flow-matching Euler
+(a held velocity: x moves by (sigma_next - sigma) * v, which adds up over consecutive steps) a run of reused
 steps is the same as one larger step: DDIM's predicted x0 does not change while the noise prediction is held, so the
 intermediate timesteps can be left out (`fold_reason` says where that holds). Folding saves the sampler update, the
 CFG arithmetic and the Python around every reused step.
@@ -34,7 +35,7 @@ class Grid:
 
     def __post_init__(self):
         if self.timesteps is not None:
-            object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+            object.__setattr__(self, "timesteps", tuple(_plain(t) for t in self.timesteps))
         if self.reuse is not None:
             reuse = tuple(bool(r) for r in self.reuse)
             if reuse and reuse[0]:
@@ -139,6 +140,8 @@ def set_grid(sched, num_steps: int, timesteps=None, device=None):
     if not ts:
         raise DiffpruneError("a grid needs at least one timestep")
     n_train = sched.config.num_train_timesteps
+    if isinstance(sched, diffusers.FlowMatchEulerDiscreteScheduler):
+        return _set_flow_grid(sched, ts, n_train, device)
     if any(not (0 <= t < n_train) for t in ts):
         raise DiffpruneError(f"grid timesteps must lie in [0, {n_train}); got {min(ts)} to {max(ts)}")
     if isinstance(sched, diffusers.PNDMScheduler):
@@ -163,6 +166,20 @@ def set_grid(sched, num_steps: int, timesteps=None, device=None):
     return sched
 
 
+def _set_flow_grid(sched, ts, n_train, device):
+    """Flow-matching Euler over visited timesteps t = sigma * n_train, already shifted (a flow grid is read off the
+    scheduler's own shifted grid, and set_timesteps would shift it again): the sigmas are set directly, the last
+    step going to sigma 0 as diffusers' own grid does."""
+    if any(not (0 < t <= n_train) for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise DiffpruneError(f"flow grid timesteps must be strictly descending in (0, {n_train}]")
+    t = torch.tensor(ts, dtype=torch.float32)
+    sched.num_inference_steps = len(ts)
+    sched.timesteps = t.to(device)
+    sched.sigmas = torch.cat([t / n_train, torch.zeros(1)]).to(device)
+    sched._step_index, sched._begin_index = None, None
+    return sched
+
+
 def fold_reason(sched, eta: float = 0.0) -> str | None:
     """None when reusing the prediction over consecutive steps of `sched` equals one larger step (so a reuse run
     can be folded into a drop); else why not."""
@@ -182,7 +199,12 @@ def fold_reason(sched, eta: float = 0.0) -> str | None:
             return (f"a held {sched.config.prediction_type} prediction does not keep x0 fixed across DDIM steps "
                     f"(only an epsilon prediction does)")
         return None
+    if isinstance(sched, diffusers.FlowMatchEulerDiscreteScheduler):
+        if sched.config.stochastic_sampling:
+            return "stochastic flow-matching sampling adds noise at every step"
+        return None  # x += (sigma_next - sigma) * v: a held velocity makes consecutive steps one step
     if isinstance(sched, diffusers.PNDMScheduler) or isinstance(sched, diffusers.DPMSolverMultistepScheduler):
         return (f"{name} is a multistep sampler: it combines the last predictions, so a reused step and a larger "
                 f"step are two different rollouts")
-    return f"{name} adds noise at every step or combines several predictions; only DDIM (eta 0) folds exactly"
+    return (f"{name} adds noise at every step or combines several predictions; only DDIM (eta 0) and flow-matching "
+            f"Euler fold exactly")

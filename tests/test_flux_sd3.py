@@ -193,10 +193,16 @@ def test_every_method_makes_a_schedule_that_runs_on_sd3(sd3_pipe, method):
     with pytest.warns(UserWarning) if method == "dipgo" else _nothing():
         s = search_schedule(sd3_pipe, method, ratio=0.5, steps=6, sampler="flow-euler", prompts=["a cat", "a dog"],
                             budget=3, n_samples=1, guidance_scale=3.0, progress=False, **extra)
-    assert s.family == "sd3" and s.table.shape == (3 if method == "steps" else 6, 3)
-    with apply_schedule(sd3_pipe, s):
-        out = sd3_pipe("a cat", num_inference_steps=s.num_steps, guidance_scale=3.0, output_type="pt",
-                       generator=torch.Generator().manual_seed(0)).images
+    assert s.family == "sd3" and s.n_visits == (3 if method == "steps" else 6) and s.n_units == 3
+    if s.grid is None:
+        with apply_schedule(sd3_pipe, s):
+            out = sd3_pipe("a cat", num_inference_steps=s.num_steps, guidance_scale=3.0, output_type="pt",
+                           generator=torch.Generator().manual_seed(0)).images
+    else:  # a schedule that owns its grid (fewer steps, whole-step reuse) runs through diffprune's own loop
+        from diffprune.sampling import generate
+        with apply_schedule(sd3_pipe, s):
+            out = generate(sd3_pipe, "a cat", num_steps=s.num_steps, sampler="flow-euler", guidance_scale=3.0,
+                           grid=s.grid)
     assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()
 
 

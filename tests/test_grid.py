@@ -68,6 +68,30 @@ def test_fold_is_the_same_rollout_for_ddim(name):
     assert not torch.allclose(outs[0], sample(model, 12, scheduler=sched, noise=noise, **cond), atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_fold_is_the_same_rollout_for_flow_matching_euler(name):
+    """x += (sigma_next - sigma) * v: a held velocity over consecutive steps is one step (FLUX, SD3)."""
+    model = _model(name)
+    graph = build_graph(model)
+    x, _, cond = get_adapter(model).example_inputs(model, batch=1)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    cond = {k: v for k, v in cond.items() if k != "guidance"}  # FLUX takes it as guidance_scale
+    kw = dict(cond=cond, guidance_scale=3.5) if name == "tiny-flux" else dict(cond=cond)
+    sched = make_scheduler("flow-euler")
+    if name == "tiny-flux":  # FLUX's grid is shifted by the number of image tokens: fold needs to know it
+        _, h, w = get_adapter(model).sample_shape(model, *noise.shape[-2:])
+        sched.image_seq_len = h * w // get_adapter(model).spatial_multiple(model) ** 2
+    reused = baselines.step_reuse_schedule(graph, 8, 0.6, sampler="flow-euler", model=model)
+    folded = reused.fold(sched)
+    assert folded.meta["folded"]["exact"] and len(folded.timesteps) == reused.n_calls
+    outs = []
+    for s in (reused, folded):
+        with apply_schedule(model, s):
+            outs.append(sample(model, 8, scheduler=sched, noise=noise, grid=s.grid, **kw))
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5 * max(1.0, float(outs[0].abs().max()))
+    assert not torch.allclose(outs[0], sample(model, 8, scheduler=sched, noise=noise, **kw), atol=1e-3)
+
+
 def test_fold_is_refused_where_it_changes_the_rollout():
     model = _model("tiny-unet")
     graph = build_graph(model)

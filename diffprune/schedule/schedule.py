@@ -190,6 +190,10 @@ class Schedule:
         reason = fold_reason(sched, eta)
         if reason is not None and not approximate:
             raise DiffpruneError(f"cannot fold this {self.sampler} schedule exactly: {reason}")
+        if self.timesteps is None and getattr(sched.config, "use_dynamic_shifting", False) \
+                and getattr(sched, "image_seq_len", 0) is None:
+            raise DiffpruneError("this scheduler's grid depends on the image size (FLUX's shift): fold with its "
+                                 "image_seq_len set (the number of image tokens you will sample at)")
         visited = self.timesteps if self.timesteps is not None else base_timesteps(sched, self.num_steps)
         if len(visited) != self.n_visits:
             raise DiffpruneError(f"the scheduler visits {len(visited)} timesteps, the schedule {self.n_visits}")
