@@ -26,7 +26,8 @@ def add_parser(sub):
     p.add_argument("--width", type=int)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
                    help="model precision (default fp16 on cuda, fp32 on cpu)")
-    p.add_argument("--device", help="cpu or cuda (default cuda when available)")
+    from ._common import add_device_arg
+    add_device_arg(p)
     p.add_argument("--mode", help="comma-separated: graph (CUDA graphs), eager, static (the graph path without "
                                   "capture) (default graph,eager on cuda, eager on cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed rollouts per setting (default 5)")
@@ -49,7 +50,7 @@ def run(args):
     from ..metrics import latency
     from ..models import build_graph
     from ..util import atomic_write_text, denoiser_of, positive_int
-    from ._common import load_for_sampling, load_schedule
+    from ._common import load_for_sampling, load_schedule, resolve_device
 
     for name in ("batch", "repeats", "call_repeats"):
         positive_int(getattr(args, name), "--" + name.replace("_", "-"))
@@ -57,7 +58,7 @@ def run(args):
         positive_int(args.steps, "--steps")
     if args.warmup < 0:
         raise DiffpruneError(f"--warmup must be >= 0, got {args.warmup}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     modes = [m.strip() for m in (args.mode or ("graph,eager" if device.startswith("cuda") else "eager")).split(",")]
     for m in modes:

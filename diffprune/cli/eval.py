@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 
+N_GPU, N_CPU = 1000, 100  # 1000 x 50 steps of fmnist-dit is about half an hour on 2 CPU cores
+
+
 def add_parser(sub):
     p = sub.add_parser("eval", help="measure FD-FMNIST, class accuracy, SSIM/PSNR to a reference, MACs",
                        description="Generate --n samples with MODEL (under --schedule if given) and report MACs "
@@ -11,7 +14,7 @@ def add_parser(sub):
     p.add_argument("model", help="zoo name or local model directory (e.g. a pruned model)")
     p.add_argument("--reference", help="model whose samples from the same noise SSIM/PSNR compare against "
                                        "(e.g. the dense model for a pruned one)")
-    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--n", type=int, help=f"number of samples (default {N_GPU} on a GPU, {N_CPU} on a CPU)")
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch size (default 250)")
     p.add_argument("--json", help="write the metrics to this JSON file")
     from ._common import add_sampling_args
@@ -21,17 +24,34 @@ def add_parser(sub):
 
 def run(args):
     import json
+    import sys
 
     from ..evaluate import METRIC_COLUMNS, evaluate, format_table
     from ..util import atomic_write_text, denoiser_of, positive_int
-    from ._common import load_for_sampling, load_schedule
+    from ..sampling import rollout_length
+    from ._common import default_guidance, duration, estimate_seconds, load_for_sampling, load_schedule, resolve_device
 
+    args.device = resolve_device(args.device)
+    if args.n is None:
+        args.n = N_GPU if args.device.startswith("cuda") else N_CPU
+        if args.device == "cpu":
+            print(f"diffprune eval: {N_CPU} samples on a CPU by default ({N_GPU} on a GPU); FD from few samples is "
+                  f"biased upwards, so compare runs of equal --n", file=sys.stderr)
     positive_int(args.n, "--n")
     positive_int(args.steps, "--steps")
     positive_int(args.batch_size, "--batch-size")
     schedule = load_schedule(args.schedule)
     model = denoiser_of(load_for_sampling(args.model, args.device, args.dtype))
     ref = denoiser_of(load_for_sampling(args.reference, args.device, args.dtype)) if args.reference else None
+    if args.guidance_scale is None:
+        args.guidance_scale = default_guidance(model)
+    if args.device == "cpu":
+        rollouts = args.n * (2 if ref is not None or schedule is not None else 1)
+        guided = args.guidance_scale > 1
+        calls = rollout_length(args.sampler, args.steps) * -(-rollouts // min(args.batch_size, args.n))
+        sec = estimate_seconds(model, calls=calls, batch=min(args.batch_size, args.n), guided=guided)
+        print(f"diffprune eval: about {duration(sec)} for {rollouts} rollouts of {args.steps} steps (dense "
+              f"timing of one call; a schedule runs faster)", file=sys.stderr)
     metrics, _ = evaluate(model, schedule=schedule, reference_model=ref, num_steps=args.steps,
                           sampler=args.sampler, n_samples=args.n, guidance_scale=args.guidance_scale,
                           seed=args.seed, batch_size=args.batch_size)

@@ -31,8 +31,9 @@ def run(args):
     from ..models import get_adapter
     from ..sampling import generate, sample
     from ..util import atomic_write_bytes, denoiser_of, positive_int
-    from ._common import load_for_sampling, load_schedule
+    from ._common import default_guidance, load_for_sampling, load_schedule, resolve_device
 
+    args.device = resolve_device(args.device)
     positive_int(args.steps, "--steps")
     positive_int(args.per_class, "--per-class")
     if args.n is not None:
@@ -43,6 +44,8 @@ def run(args):
     obj = load_for_sampling(args.model, args.device, args.dtype)
     model = denoiser_of(obj)
     adapter = get_adapter(model)
+    if args.guidance_scale is None:
+        args.guidance_scale = default_guidance(obj)
     labels, rows = None, None
     from ..evaluate import _schedule_ctx
     with _schedule_ctx(obj, schedule):
@@ -65,7 +68,7 @@ def run(args):
             rows = [CLASSES[c] if k == len(CLASSES) else str(c) for c in classes]
         elif adapter.conditioning == "text":
             raise DiffpruneError("a bare text-conditional denoiser cannot be sampled without its text encoder; "
-                                 "point at the pipeline directory instead")
+                                 "point at the pipeline directory instead (or try the zoo's tiny-sd-pipe)")
         else:
             n = args.n or 16
             images = sample(model, args.steps, args.sampler, batch=n, seed=args.seed, progress=True)

@@ -26,12 +26,14 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="schedule JSON to write (the heatmap goes to the same name .png)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--seed", type=int, default=0, help="seed of noise, conditions and searches (default 0)")
+    from ._common import CFG_HELP
     p.add_argument("--cfg", type=float, dest="guidance_scale",
-                   help="classifier-free guidance scale of the rollouts the schedule is made for (default 2 for "
-                        "conditional models, as `diffprune sample` uses; 1 = none)")
+                   help="guidance scale of the rollouts the schedule is made for: " + CFG_HELP)
     p.add_argument("--classes", help="comma-separated class labels to draw from (class models; default all)")
     p.add_argument("--prompts", help="text file, one prompt per line (Stable Diffusion pipelines)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--prompt", action="append", help="a prompt to draw from (repeat for several; with --prompts too)")
+    from ._common import add_device_arg
+    add_device_arg(p)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model precision")
     g = p.add_argument_group("searches (random, genetic, step-reuse)")
     g.add_argument("--budget", type=int, default=32, help="schedule evaluations (default 32)")
@@ -65,9 +67,10 @@ def run(args):
 
     from ..errors import DiffpruneError
     from ..util import atomic_write_bytes, positive_int, ratio
-    from ._common import load_for_sampling
+    from ._common import default_guidance, load_for_sampling, resolve_device
 
     # every argument is checked before any work
+    args.device = resolve_device(args.device)
     if args.ratio is not None:
         ratio(args.ratio, "--ratio")
     elif not (args.method == "deepcache" and args.interval is not None):
@@ -97,9 +100,11 @@ def run(args):
             prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
         except OSError as e:
             raise DiffpruneError(f"--prompts {args.prompts}: {e}") from None
+    if args.prompt:
+        prompts = [*(prompts or []), *args.prompt]
 
     from ..distributed import processes
-    from ..models import build_graph, get_adapter
+    from ..models import build_graph
     from ..schedule import search_schedule
     from ..schedule.plot import schedule_heatmap
     from ..util import denoiser_of
@@ -112,9 +117,7 @@ def run(args):
     model = denoiser_of(obj)
     graph = build_graph(model, args.granularity)
     if args.guidance_scale is None:
-        adapter = get_adapter(model)
-        conditional = adapter.conditioning == "text" or adapter.is_class_conditional(model)
-        args.guidance_scale = 2.0 if conditional else 1.0
+        args.guidance_scale = default_guidance(obj)
     options = {}
     if args.method == "dipgo":
         options = dict(iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,

@@ -76,3 +76,10 @@ def _tiny_clip_tokenizer():
         Path(d, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
         Path(d, "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES))
         return CLIPTokenizer.from_pretrained(d, model_max_length=77)
+
+
+# Whole pipelines the zoo builds by name (offline, seeded random weights): name -> (builder(seed), description).
+PIPELINES = {
+    "tiny-sd-pipe": (tiny_sd_pipeline, "tiny Stable Diffusion pipeline: tiny-sd UNet, VAE, CLIP text encoder and "
+                                       "tokenizer, PLMS (tests, --prompt; needs transformers)"),
+}
