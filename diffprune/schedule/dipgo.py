@@ -339,10 +339,10 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     for name, v in (("iterations", iterations), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise DiffpruneError(f"{name} must be a positive integer, got {v!r}")
-    if iterations <= warmup:
+    if iterations < warmup:
         warnings.warn(f"DiP-GO: {iterations} iterations end within the {warmup}-iteration learning-rate warm-up: "
-                      f"the pruner will barely move and its schedule will be close to arbitrary; train 50 or more "
-                      f"iterations", stacklevel=2)
+                      f"the pruner may barely move, and then its schedule is close to arbitrary (checked at the "
+                      f"end); train 50 or more iterations", stacklevel=2)
     rollouts = make_rollouts(model_or_pipeline, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                              labels=labels, prompts=prompts, conditions=conditions)
     lr = lr if lr is not None else default_lr(optimizer, rollouts.n_calls)
