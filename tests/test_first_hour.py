@@ -197,3 +197,23 @@ def test_prune_prints_each_note_once_and_says_how_far_its_walk_goes(tmp_path, ca
     err = capsys.readouterr().err
     assert "until L_t < 0.05 x its running max, at most 1000 timesteps (batch 2; up to about" in err
     assert "tiny-unet has random weights" in err
+
+
+def test_eval_a_text_pipeline_on_prompts_against_its_dense_self(tmp_path, capsys):
+    from diffprune.models import build_graph
+    from diffprune.schedule import Schedule, search_schedule
+    from diffprune.zoo import load_model
+    pipe = load_model("tiny-sd-pipe")
+    graph = build_graph(pipe.unet)
+    Schedule.keep_all(graph, 3, model=pipe.unet).save(tmp_path / "all.json")
+    search_schedule(pipe, "deepcache", interval=2, steps=3, graph=graph, progress=False).save(tmp_path / "dc.json")
+    prompts = ["--prompt", "a cat", "--prompt", "a dog"]
+    for name in ("all", "dc"):
+        assert main(["eval", "tiny-sd-pipe", *prompts, "--steps", "3", "--device", "cpu",
+                     "--schedule", str(tmp_path / f"{name}.json"), "--json", str(tmp_path / f"{name}-m.json")]) == 0
+    keep, dc = (json.loads((tmp_path / f"{n}-m.json").read_text()) for n in ("all", "dc"))
+    assert keep["ssim_to_reference"] == 1.0 and keep["macs_ratio"] == 1.0  # keep-all is the dense rollout, exactly
+    assert dc["ssim_to_reference"] < 1.0 and dc["macs_ratio"] < 1.0
+    assert dc["n_samples"] == 2 and dc["guidance_scale"] == 7.5
+    assert main(["eval", "tiny-unet", "--prompt", "x", "--device", "cpu"]) == 2
+    assert "needs a text-to-image pipeline" in capsys.readouterr().err
