@@ -217,3 +217,16 @@ def test_eval_a_text_pipeline_on_prompts_against_its_dense_self(tmp_path, capsys
     assert dc["n_samples"] == 2 and dc["guidance_scale"] == 7.5
     assert main(["eval", "tiny-unet", "--prompt", "x", "--device", "cpu"]) == 2
     assert "needs a text-to-image pipeline" in capsys.readouterr().err
+
+
+def test_dipgo_says_how_long_its_iterations_will_take_when_that_is_long(capsys):
+    from tqdm.auto import tqdm
+
+    from diffprune.schedule.dipgo import _say_eta
+    with tqdm(range(3), disable=True) as bar:
+        _say_eta(bar, 12.0, 198)  # 12 s per iteration, 198 to go: about 40 minutes
+        _say_eta(bar, 0.5, 100)   # under two minutes: not worth a line
+    out = capsys.readouterr()
+    said = (out.out + out.err).strip().splitlines()
+    assert said == ["dipgo: 12.0 s per iteration here; the 198 left take about 40 min (fewer --iterations, or a GPU, "
+                    "to go faster)"]
