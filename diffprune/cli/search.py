@@ -118,6 +118,8 @@ def run(args):
     graph = build_graph(model, args.granularity)
     if args.guidance_scale is None:
         args.guidance_scale = default_guidance(obj)
+    if args.device == "cpu" and args.method in ("random", "genetic", "step-reuse"):
+        _say_search_time(args, obj, model)
     options = {}
     if args.method == "dipgo":
         options = dict(iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
@@ -152,3 +154,18 @@ def run(args):
         print(f"note: {m['note']}")
     procs.wait_for_everyone()
     return 0
+
+
+def _say_search_time(args, obj, model):
+    """Before a search on a CPU: what its --budget evaluations of --samples rollouts (and the dense ones) cost."""
+    import sys
+
+    from ..sampling import rollout_length
+    from ..schedule.rollouts import scheduler_for
+    from ._common import duration, estimate_seconds
+    calls = rollout_length(scheduler_for(obj, args.sampler), args.steps) * (args.budget + 1)
+    guided = args.guidance_scale > 1
+    sec = estimate_seconds(model, calls=calls, batch=args.samples, guided=guided)
+    print(f"diffprune search: up to about {duration(sec)} here for {args.budget} evaluations of {args.samples} "
+          f"samples x {args.steps} steps (dense timing; skipped units make it less; fewer with --budget)",
+          file=sys.stderr)
