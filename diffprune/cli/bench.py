@@ -48,7 +48,6 @@ def add_parser(sub):
 
 
 def run(args):
-    import torch
     from tqdm.auto import tqdm
 
     from ..errors import DiffpruneError
@@ -102,14 +101,16 @@ def run(args):
             jobs.append((f"{mode} rollout {'schedule' if sched is not None else 'dense'}",
                          lambda mode=mode, sched=sched: latency.time_rollout(
                              model, sched, **rollout, mode=mode, graph=graph, strict=not args.no_strict)))
-    results, loads = [], [os.getloadavg()[0]]  # load sampled through the run, not only at its ends
+    results, loads = [], [_load()]  # load sampled through the run, not only at its ends
     with tqdm(jobs, desc="bench", unit="run", leave=False) as bar:
         for label, job in bar:
             bar.set_postfix_str(label)
             results.append(job())
-            loads.append(os.getloadavg()[0])
+            loads.append(_load())
     latency.add_speedups(results)
-    noise = latency.timing_warnings(results, load=max(loads) if on_cpu else None, cores=len(os.sched_getaffinity(0)))
+    load = max(loads) if on_cpu and None not in loads else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    noise = latency.timing_warnings(results, load=load, cores=cores)
     print(f"{args.model}: {type(model).__name__}, {dtype} on {device}, batch {args.batch}"
           f"{' (CFG: denoiser batch ' + str(2 * args.batch) + ')' if args.cfg else ''}, {sampler} {steps} steps"
           f"{', schedule ' + args.schedule if schedule is not None else ''}")
@@ -126,3 +127,8 @@ def run(args):
         atomic_write_text(args.json, json.dumps(doc, indent=1))
         print(f"wrote {args.json}")
     return 0
+
+
+def _load():
+    """The 1-minute load average (None where the platform has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None

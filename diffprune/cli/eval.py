@@ -55,8 +55,8 @@ def run(args):
         guided = args.guidance_scale > 1
         calls = rollout_length(args.sampler, args.steps) * -(-rollouts // min(args.batch_size, args.n))
         sec = estimate_seconds(model, calls=calls, batch=min(args.batch_size, args.n), guided=guided)
-        print(f"diffprune eval: about {duration(sec)} for {rollouts} rollouts of {args.steps} steps (dense "
-              f"timing of one call; a schedule runs faster)", file=sys.stderr)
+        print(f"diffprune eval: about {duration(sec)} for {rollouts} rollouts of {args.steps} steps (from timed "
+              f"dense calls; a schedule runs faster)", file=sys.stderr)
     metrics, _ = evaluate(model, schedule=schedule, reference_model=ref, num_steps=args.steps,
                           sampler=args.sampler, n_samples=args.n, guidance_scale=args.guidance_scale,
                           seed=args.seed, batch_size=args.batch_size)
