@@ -15,6 +15,7 @@ The public API, imported lazily so that `import diffprune` stays cheap:
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -28,8 +29,22 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use (__getattr__)
+    from .errors import DiffpruneError
+    from .evaluate import evaluate
+    from .models import build_graph
+    from .sampling import sample
+    from .schedule import Schedule, apply_schedule, search_schedule
+    from .structural import load_pruned, prune, save_pruned
+    from .train import TrainConfig, train_diffusion
+    from .zoo import load_model
+
 
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'diffprune' has no attribute {name!r}")
+
+
+def __dir__():  # the public API and the module's own dunders, not its imports
+    return sorted({*(n for n in globals() if n.startswith("__")), *_EXPORTS})

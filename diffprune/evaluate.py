@@ -82,7 +82,7 @@ def macs_summary(model, *, num_steps: int, sampler: str, schedule=None, guidance
     graph = build_graph(model, granularity)
     calls = rollout_length(sampler, num_steps)
     if schedule is not None:
-        schedule.check(graph, sampler=sampler, num_steps=num_steps)
+        schedule.check(graph, sampler=sampler if isinstance(sampler, str) else None, num_steps=num_steps)
         total = schedule.macs(graph)
     else:
         total = graph.total_macs * calls

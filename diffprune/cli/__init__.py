@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make diffusion models cheaper: structural pruning (Diff-Pruning), learned block-skipping "
                     "schedules (DiP-GO) and their baselines, on diffusers models. MODEL arguments take a zoo name "
                     "(see `diffprune info --list`) or a local diffusers model/pipeline directory.")
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"diffprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _commands():
         module = importlib.import_module(f"{__name__}.{name}")
@@ -33,12 +35,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warnings_as_messages(command: str):
+    """Show warnings the library raises as one plain line each ("diffprune search: warning: ..."), not as a
+    source location with code; Python's default filter already shows each one once."""
+    import warnings
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    plain = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not os.path.abspath(filename).startswith(package + os.sep):
+            return plain(message, category, filename, lineno, file, line)
+        print(f"diffprune {command}: warning: {message}", file=file or sys.stderr)
+    warnings.showwarning = show
+    return plain
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    import warnings
+    plain = _warnings_as_messages(args.command)
     try:
         return args._run(args) or 0
     except DiffpruneError as e:
@@ -47,6 +66,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"diffprune {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = plain
 
 
 if __name__ == "__main__":

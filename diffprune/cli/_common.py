@@ -6,17 +6,40 @@ import torch
 from ..errors import DiffpruneError
 
 
-def add_sampling_args(p, steps: int = 50, cfg: float = 2.0):
+CFG_HELP = ("classifier-free guidance scale, 1 = none (default: a text pipeline's own, 7.5 for Stable Diffusion; "
+            "2 for class-conditional models; 1 for unconditional ones)")
+
+
+def add_sampling_args(p, steps: int = 50):
     p.add_argument("--steps", type=int, help=f"sampler steps (default: the --schedule's, else {steps})")
-    p.add_argument("--sampler", help="ddim, ddpm, plms, dpm-solver++ or lcm (default: the --schedule's, else ddim)")
+    p.add_argument("--sampler", help="ddim, ddpm, plms, dpm-solver++, lcm or flow-euler (default: the --schedule's, "
+                                     "else ddim)")
     p.set_defaults(default_steps=steps)
-    p.add_argument("--cfg", type=float, default=cfg, dest="guidance_scale",
-                   help=f"classifier-free guidance scale, 1 = none (default {cfg})")
+    p.add_argument("--cfg", type=float, dest="guidance_scale", help=CFG_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--schedule", help="a schedule JSON from `diffprune search`: skip units as it says")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_device_arg(p)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="model precision (default fp32; fp16/bf16 for GPUs)")
+
+
+DEVICE_HELP = "cpu, cuda (cuda:N) or auto (default auto: cuda when a GPU is visible, else cpu)"
+
+
+def add_device_arg(p):
+    """--device with the one default every command shares."""
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto' (or None) -> cuda when a GPU is visible, else cpu; anything else is checked and returned."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffpruneError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu (or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise DiffpruneError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return device
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -25,15 +48,29 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def load_for_sampling(name: str, device: str, dtype: str):
     """The model (or pipeline) on the asked device and precision, in eval mode."""
     from ..zoo import load_model
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DiffpruneError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise DiffpruneError(f"unknown device {device!r}; use cpu or cuda")
+    device = resolve_device(device)
     obj = load_model(name, dtype=DTYPES[dtype])
     obj = obj.to(device)
     if isinstance(obj, torch.nn.Module):
         obj.eval()
     return obj
+
+
+def default_guidance(obj) -> float:
+    """The guidance scale a model is meant to run at: a pipeline's own default (its __call__'s guidance_scale:
+    7.5 for Stable Diffusion), 2 for conditional denoisers (what the Fashion-MNIST models were tuned with), 1 for
+    unconditional ones."""
+    import inspect
+
+    from ..models import get_adapter
+    from ..util import denoiser_of
+    model = denoiser_of(obj)
+    if model is not obj:
+        param = inspect.signature(type(obj).__call__).parameters.get("guidance_scale")
+        if param is not None and isinstance(param.default, (int, float)):
+            return float(param.default)
+    adapter = get_adapter(model)
+    return 2.0 if adapter.conditioning == "text" or adapter.is_class_conditional(model) else 1.0
 
 
 def load_schedule(path):
@@ -53,3 +90,17 @@ def resolve_rollout(args, schedule):
     positive_int(args.steps, "--steps")
     if schedule is not None:
         schedule.check(sampler=args.sampler, num_steps=args.steps)
+
+
+def estimate_seconds(model, *, calls: int, batch: int, guided: bool) -> float:
+    """Seconds that `calls` denoiser calls at `batch` samples (doubled under guidance) should take on this
+    machine, from the median of three calls timed after two warm-up calls (the first calls run slow): said before
+    a long job starts, not after."""
+    from ..metrics.latency import time_denoiser_call
+    r = time_denoiser_call(model, batch, cfg=guided, repeats=3, warmup=2)
+    return calls * r["median_ms"] / 1e3
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else (f"{seconds / 60:.0f} min" if seconds < 5400
+                                                    else f"{seconds / 3600:.1f} h")

@@ -42,7 +42,8 @@ def add_parser(sub):
     p.add_argument("--batch", type=int, help="calibration batch size (default 128 at 32x32, 64 at 64x64, 4 for "
                                              "latent text models)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch, noise and random scores")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    from ._common import add_device_arg
+    add_device_arg(p)
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -58,6 +59,7 @@ def run(args):
     from ..structural.importance import check_criterion
     from ..structural.timesteps import check_threshold, plot_losses, TimestepReport
     from ..util import atomic_write_text, denoiser_of, output_directory, positive_int, ratio
+    from ._common import resolve_device
 
     # ---- cheap checks first, before anything is loaded ----
     ratio(args.ratio)
@@ -68,8 +70,7 @@ def run(args):
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise DiffpruneError(f"{out} already exists; choose another --out or pass --overwrite")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DiffpruneError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    args.device = resolve_device(args.device)
 
     obj = zoo.load_model(args.model)
     model = denoiser_of(obj)
@@ -78,6 +79,7 @@ def run(args):
         print(f"diffprune prune: pruning the pipeline's {type(model).__name__}; OUT holds the denoiser only",
               file=sys.stderr)
     torch.nn.Module.to(model, args.device, torch.float32)  # scores and pruned weights in full precision
+    _announce_walk(args, model, scheduler_config)
     model, report = prune(model, args.ratio, args.criterion, args.threshold, args.data, rule=args.rule,
                           reduction=args.reduction, norm=args.norm, heads=args.heads,
                           width_multiple=args.width_multiple, seed=args.seed,
@@ -92,11 +94,35 @@ def run(args):
         atomic_write_text(tmp / "prune_report.json", json.dumps(report, indent=1))
         if "timesteps" in report:
             plot_losses(TimestepReport(**report["timesteps"]), tmp / "timestep_loss.png")
-    _summary(report, out)
+    _summary(report, out, told=not args.quiet)
     return 0
 
 
-def _summary(r: dict, out: Path):
+def _announce_walk(args, model, scheduler_config):
+    """Say how far the gradient criteria's timestep walk can go, and what it may cost here, before it starts."""
+    from .. import zoo
+    from ..structural.importance import GRADIENT_CRITERIA
+    from ..structural.calibration import default_batch_size
+    from ..structural.timesteps import alphas_cumprod_for
+    from ._common import duration, estimate_seconds
+    if args.criterion not in GRADIENT_CRITERIA:
+        return
+    n = len(alphas_cumprod_for(model, scheduler_config))
+    batch = args.batch or default_batch_size(model)
+    walk = (f"from t=0 until L_t < {args.threshold:g} x its running max, at most {n} timesteps"
+            if args.criterion == "diff-pruning" and args.threshold > 0 else f"over all {n} timesteps")
+    cost = ""
+    if args.device == "cpu":  # a forward and a backward pass per timestep: about three forward passes
+        cost = f"; up to about {duration(estimate_seconds(model, calls=3 * n, batch=batch, guided=False))} here"
+    print(f"diffprune prune: {args.criterion} accumulates gradients {walk} (batch {batch}{cost})", file=sys.stderr)
+    if (args.criterion == "diff-pruning" and args.threshold > 0 and args.model in zoo.CONFIGS
+            and not (zoo.CHECKPOINTS / args.model / "config.json").exists()):
+        print(f"diffprune prune: {args.model} has random weights (no trained checkpoint): its loss does not fall "
+              f"with t, so the walk will likely cover all {n} timesteps (--criterion magnitude is instant)",
+              file=sys.stderr)
+
+
+def _summary(r: dict, out: Path, told: bool = False):
     how = r["criterion"]
     if "timesteps" in r:
         ts = r["timesteps"]
@@ -108,7 +134,8 @@ def _summary(r: dict, out: Path):
     print(f"pruned {r['source']} ({r['class']}) by {r['ratio']:g} with {how}, {r['rule']} channel rule")
     print(f"params {r['params_before'] / 1e6:.4f}M -> {r['params_after'] / 1e6:.4f}M; "
           f"MACs {r['macs_before'] / 1e9:.4f}G -> {r['macs_after'] / 1e9:.4f}G (input {shape})")
-    for note in r.get("notes", []):
-        print(f"note: {note}")
+    if not told:  # already printed as they happened (pruning tells them unless --quiet)
+        for note in r.get("notes", []):
+            print(f"note: {note}")
     files = sorted(p.name for p in out.iterdir())
     print(f"wrote {out}/ ({', '.join(files)})")

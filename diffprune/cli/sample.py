@@ -51,8 +51,9 @@ def run(args):
     from ..capture import capture_rollout
     from ..sampling import generate
     from ..util import atomic_write_bytes, denoiser_of, positive_int
-    from ._common import load_for_sampling, load_schedule, resolve_rollout
+    from ._common import default_guidance, load_for_sampling, load_schedule, resolve_device, resolve_rollout
 
+    args.device = resolve_device(args.device)
     positive_int(args.per_class, "--per-class")
     if args.n is not None:
         positive_int(args.n, "--n")
@@ -67,6 +68,8 @@ def run(args):
     obj = load_for_sampling(args.model, args.device, args.dtype)
     model = denoiser_of(obj)
     adapter = get_adapter(model)
+    if args.guidance_scale is None:
+        args.guidance_scale = default_guidance(obj)
     labels, rows = None, None
     if args.compile and not str(args.device).startswith("cuda"):
         raise DiffpruneError("--compile captures the rollout as a CUDA graph and needs --device cuda")
@@ -100,7 +103,7 @@ def run(args):
             rows = [CLASSES[c] if k == len(CLASSES) else str(c) for c in classes]
         elif adapter.conditioning == "text":
             raise DiffpruneError("a bare text-conditional denoiser cannot be sampled without its text encoder; "
-                                 "point at the pipeline directory instead")
+                                 "point at the pipeline directory instead (or try the zoo's tiny-sd-pipe)")
         else:
             n = args.n or 16
             if args.compile:

@@ -32,12 +32,14 @@ def add_parser(sub):
     p.add_argument("--fold-approximate", action="store_true",
                    help="fold even where it changes the rollout (e.g. DDIM that clips x0: the Fashion-MNIST models)")
     p.add_argument("--seed", type=int, default=0, help="seed of noise, conditions and searches (default 0)")
+    from ._common import CFG_HELP
     p.add_argument("--cfg", type=float, dest="guidance_scale",
-                   help="classifier-free guidance scale of the rollouts the schedule is made for (default 2 for "
-                        "conditional models, as `diffprune sample` uses; 1 = none)")
+                   help="guidance scale of the rollouts the schedule is made for: " + CFG_HELP)
     p.add_argument("--classes", help="comma-separated class labels to draw from (class models; default all)")
     p.add_argument("--prompts", help="text file, one prompt per line (Stable Diffusion pipelines)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--prompt", action="append", help="a prompt to draw from (repeat for several; with --prompts too)")
+    from ._common import add_device_arg
+    add_device_arg(p)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model precision")
     g = p.add_argument_group("searches (random, genetic, step-reuse)")
     g.add_argument("--budget", type=int, default=32, help="schedule evaluations (default 32)")
@@ -71,9 +73,10 @@ def run(args):
 
     from ..errors import DiffpruneError
     from ..util import atomic_write_bytes, positive_int, ratio
-    from ._common import load_for_sampling
+    from ._common import default_guidance, load_for_sampling, resolve_device
 
     # every argument is checked before any work
+    args.device = resolve_device(args.device)
     if args.ratio is not None:
         ratio(args.ratio, "--ratio")
     elif not (args.method == "deepcache" and args.interval is not None):
@@ -103,9 +106,11 @@ def run(args):
             prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
         except OSError as e:
             raise DiffpruneError(f"--prompts {args.prompts}: {e}") from None
+    if args.prompt:
+        prompts = [*(prompts or []), *args.prompt]
 
     from ..distributed import processes
-    from ..models import build_graph, get_adapter
+    from ..models import build_graph
     from ..schedule import search_schedule
     from ..schedule.plot import schedule_heatmap
     from ..util import denoiser_of
@@ -118,9 +123,9 @@ def run(args):
     model = denoiser_of(obj)
     graph = build_graph(model, args.granularity)
     if args.guidance_scale is None:
-        adapter = get_adapter(model)
-        conditional = adapter.conditioning == "text" or adapter.is_class_conditional(model)
-        args.guidance_scale = 2.0 if conditional else 1.0
+        args.guidance_scale = default_guidance(obj)
+    if args.device == "cpu" and args.method in ("random", "genetic", "step-reuse"):
+        _say_search_time(args, obj, model)
     options = {}
     if args.method == "dipgo":
         options = dict(iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
@@ -159,3 +164,18 @@ def run(args):
         print(f"note: {m['note']}")
     procs.wait_for_everyone()
     return 0
+
+
+def _say_search_time(args, obj, model):
+    """Before a search on a CPU: what its --budget evaluations of --samples rollouts (and the dense ones) cost."""
+    import sys
+
+    from ..sampling import rollout_length
+    from ..schedule.rollouts import scheduler_for
+    from ._common import duration, estimate_seconds
+    calls = rollout_length(scheduler_for(obj, args.sampler), args.steps) * (args.budget + 1)
+    guided = args.guidance_scale > 1
+    sec = estimate_seconds(model, calls=calls, batch=args.samples, guided=guided)
+    print(f"diffprune search: up to about {duration(sec)} here for {args.budget} evaluations of {args.samples} "
+          f"samples x {args.steps} steps (dense timing; skipped units make it less; fewer with --budget)",
+          file=sys.stderr)

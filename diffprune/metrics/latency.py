@@ -399,6 +399,24 @@ def add_speedups(results: list[dict]) -> list[dict]:
     return results
 
 
+def timing_warnings(results: list[dict], load: float | None = None, cores: int | None = None,
+                    max_spread: float = 0.2) -> list[str]:
+    """Why timings may be noise: repeats that disagree (p10..p90 wider than max_spread of the median) and a machine
+    busy with other work (1-minute load average above its cores: other processes took turns on them)."""
+    out = []
+    for r in results:
+        spread = (r["p90_ms"] - r["p10_ms"]) / r["median_ms"]
+        if r["n"] >= 3 and spread > max_spread:
+            name = r.get("label") or f"{r['mode']} {r['what']} {'schedule' if r.get('schedule') else 'dense'}"
+            ms = [f"{r[k]:.0f}" if r[k] >= 10 else f"{r[k]:.2f}" for k in ("p10_ms", "p90_ms", "median_ms")]
+            out.append(f"{name}: repeats disagree, p10..p90 {ms[0]}..{ms[1]} ms is {spread:.0%} of the median "
+                       f"{ms[2]} ms")
+    if load is not None and cores and load > cores + 0.5:
+        out.append(f"the machine is busy: load average {load:.1f} on {cores} cores, so other processes took turns "
+                   f"on the cores being timed")
+    return out
+
+
 def format_table(results: list[dict]) -> str:
     """A plain-text table of call and rollout results (one row each)."""
     head = f"{'mode':7s} {'run':18s} {'median ms':>10s} {'p10':>9s} {'p90':>9s} {'ms/call':>8s} " \

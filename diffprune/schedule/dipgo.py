@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -56,6 +57,7 @@ from .schedule import Schedule, collapse_report
 
 RATIO_TOLERANCE = 0.0125
 PRUNER_FORMAT = "diffprune-dipgo-pruner"
+SCORES_FORMAT = "diffprune-dipgo-scores"
 
 
 # ----- costs and post-processing --------------------------------------------------------------------------------
@@ -195,6 +197,8 @@ class Pruner(nn.Module):
             tensors = load_file(str(p))
         except Exception as e:  # safetensors raises several kinds for a damaged file
             raise DiffpruneError(f"{path}: not a readable safetensors file ({e})") from None
+        if meta.get("format") == SCORES_FORMAT:  # what --save-pruner writes: the scores alone
+            return ScoreTable.from_file(tensors, meta, path), meta
         if meta.get("format") != PRUNER_FORMAT:
             raise DiffpruneError(f"{path} is not a DiP-GO pruner written by diffprune")
         pruner = cls(meta["n_calls"], meta["n_units"], meta["dim"], meta["hidden"], meta["encoder"])
@@ -203,6 +207,33 @@ class Pruner(nn.Module):
         except RuntimeError as e:
             raise DiffpruneError(f"{path}: weights do not fit the pruner it describes ({e})") from None
         return pruner, meta
+
+
+class ScoreTable:
+    """A trained pruner's keep scores, all that thresholding at another ratio needs: n_calls x n_units numbers
+    (kilobytes) instead of the network (one MLP head per cell: 97 MB for a 3 MB model). The network itself, to
+    train further, lives in the --state file."""
+
+    def __init__(self, scores):
+        self.scores = np.array(scores, dtype=np.float64)
+        self.n_calls, self.n_units = self.scores.shape
+
+    def keep_scores(self) -> np.ndarray:
+        return self.scores.copy()
+
+    def save(self, path, info: dict | None = None):
+        from safetensors.torch import save
+        meta = {"format": SCORES_FORMAT, "n_calls": self.n_calls, "n_units": self.n_units, **(info or {})}
+        tensors = {"keep_scores": torch.from_numpy(self.scores).contiguous()}
+        atomic_write_bytes(path, save(tensors, metadata={"diffprune": json.dumps(meta)}))
+
+    @classmethod
+    def from_file(cls, tensors: dict, meta: dict, path) -> "ScoreTable":
+        scores = tensors.get("keep_scores")
+        if scores is None or tuple(scores.shape) != (meta.get("n_calls"), meta.get("n_units")):
+            raise DiffpruneError(f"{path}: the score table is missing or not {meta.get('n_calls')} x "
+                                 f"{meta.get('n_units')}; write it again with --save-pruner")
+        return cls(scores.numpy())
 
 
 def _he_uniform(shape, fan_in):
@@ -225,12 +256,15 @@ class DipGo:
     model_hash: str
     history: list[dict] = dataclasses.field(default_factory=list)
     config: dict = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # why its scores may not mean much
 
     def schedule(self, ratio: float, tol: float = RATIO_TOLERANCE) -> Schedule:
         check_ratio(ratio, "ratio")
         table, got, threshold = table_at_ratio(self.pruner.keep_scores(), self.graph, ratio, tol)
         meta = {"method": "dipgo", "target_ratio": ratio, "pruned_ratio": got, "threshold": threshold,
                 "collapse": collapse_report(table, self.graph), "training": self.summary()}
+        if self.warnings:
+            meta["warnings"] = list(self.warnings)
         return Schedule.from_table(self.graph, table, sampler=self.sampler, num_steps=self.num_steps,
                                    model_hash=self.model_hash, meta=meta)
 
@@ -246,7 +280,9 @@ class DipGo:
                 "sampler": self.sampler, "num_steps": self.num_steps, "model_hash": self.model_hash}
 
     def save_pruner(self, path):
-        self.pruner.save(path, self.info())
+        """The score table (small; see ScoreTable) with what it was trained for and how the training went."""
+        extra = {"training": self.summary(), "warnings": self.warnings}
+        ScoreTable(self.pruner.keep_scores()).save(path, {**self.info(), **extra})
 
     @classmethod
     def load_pruner(cls, path, model, graph: UnitGraph | None = None) -> "DipGo":
@@ -256,8 +292,11 @@ class DipGo:
         if meta.get("units") != graph.units or meta.get("model_hash") != architecture_hash(model):
             raise DiffpruneError(f"{path} was trained for another model or granularity "
                                  f"({meta.get('family')}, {meta.get('granularity')}); train one for this model")
+        for w in meta.get("warnings") or []:  # said again for every schedule thresholded from it
+            warnings.warn(f"{path}: {w}", stacklevel=2)
         return cls(pruner=pruner, graph=graph, sampler=meta["sampler"], num_steps=meta["num_steps"],
-                   model_hash=meta["model_hash"], config={"loaded_from": str(path)})
+                   model_hash=meta["model_hash"], config={"loaded_from": str(path)},
+                   warnings=list(meta.get("warnings") or []))
 
 
 def default_lr(optimizer: str, n_calls: int) -> float:
@@ -300,6 +339,10 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     for name, v in (("iterations", iterations), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise DiffpruneError(f"{name} must be a positive integer, got {v!r}")
+    if iterations < warmup:
+        warnings.warn(f"DiP-GO: {iterations} iterations end within the {warmup}-iteration learning-rate warm-up: "
+                      f"the pruner may barely move, and then its schedule is close to arbitrary (checked at the "
+                      f"end); train 50 or more iterations", stacklevel=2)
     rollouts = make_rollouts(model_or_pipeline, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                              labels=labels, prompts=prompts, conditions=conditions)
     lr = lr if lr is not None else default_lr(optimizer, rollouts.n_calls)
@@ -381,6 +424,10 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
                        "grad_norm": grad_norm, "lr": lr_now}
                 history.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{kept:.3f}")
+                if it == start:
+                    first_done = time.perf_counter()
+                elif it == start + 1 and not bar.disable:  # the first iteration pays one-off costs
+                    _say_eta(bar, time.perf_counter() - first_done, iterations - it - 1)
                 if state_path is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == iterations):
                     if procs.is_main_process:
                         _save_state(state_path, pruner, opt, config, it + 1, history)
@@ -389,7 +436,28 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
         for p, f in zip(model.parameters(), frozen):
             p.requires_grad_(f)
         model.train(was_training)
+    result.warnings += _stalled(history, pruner)
+    for w in result.warnings:
+        warnings.warn(w, stacklevel=2)
     return result
+
+
+def _say_eta(bar, seconds_per_iteration: float, remaining: int):
+    total = seconds_per_iteration * remaining
+    if total > 120:  # worth a line only when it is long
+        bar.write(f"dipgo: {seconds_per_iteration:.1f} s per iteration here; the {remaining} left take about "
+                  f"{total / 60:.0f} min (fewer --iterations, or a GPU, to go faster)")
+
+
+def _stalled(history: list[dict], pruner) -> list[str]:
+    """Why a trained pruner's scores may mean nothing: its gates never skipped a unit, neither during training nor
+    at the end. Thresholding then orders the cells by score differences training did not shape (the schedule
+    still comes out at the asked ratio, which is what made this failure quiet)."""
+    if not history or any(h["kept_macs"] < 1 for h in history) or (pruner.keep_scores()[1:] < 0.5).any():
+        return []
+    return [f"DiP-GO: the pruner did not move: its gates kept every unit at every step in all {len(history)} "
+            f"iterations (kept MACs 1.000, consistency {history[-1]['consistency']:.2g}), so the schedule "
+            f"thresholded from its scores is close to arbitrary; train more iterations (or raise the lr)"]
 
 
 # ----- resumable state ------------------------------------------------------------------------------------------

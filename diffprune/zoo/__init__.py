@@ -12,6 +12,7 @@ import torch
 from ..errors import DiffpruneError
 from ..util import own_storage
 from .configs import CONFIGS
+from .pipelines import PIPELINES
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
@@ -23,17 +24,23 @@ SHIPPED_ONLY = {
 
 
 def names() -> list[str]:
-    return sorted([*CONFIGS, *SHIPPED_ONLY])
+    return sorted([*CONFIGS, *SHIPPED_ONLY, *PIPELINES])
 
 
 def describe(name: str) -> str:
+    if name in PIPELINES:
+        return PIPELINES[name][1]
     return CONFIGS[name]["about"] if name in CONFIGS else SHIPPED_ONLY[name]
 
 
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, weights: bool = True,
           device: str | torch.device | None = None) -> torch.nn.Module:
     """Build a zoo model: the shipped checkpoint when one exists (and weights=True), else random weights.
-    device: where the random weights are made; "meta" makes shapes without memory (enough for MACs and units)."""
+    device: where the random weights are made; "meta" makes shapes without memory (enough for MACs and units).
+    Pipeline entries (PIPELINES) build a whole diffusers pipeline."""
+    if name in PIPELINES:
+        pipe = PIPELINES[name][0](seed)
+        return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
     if name in SHIPPED_ONLY:
         if not weights:
             raise DiffpruneError(f"{name} exists only as a shipped checkpoint; it has no random-weight build")
@@ -59,7 +66,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
     model. Nothing is ever downloaded."""
     p = Path(path)
     if not p.exists():
-        if str(path) in CONFIGS or str(path) in SHIPPED_ONLY:
+        if str(path) in names():
             return build(str(path), dtype=dtype or torch.float32)
         raise DiffpruneError(f"{path}: no such directory, and not a zoo model ({', '.join(names())})")
     if not p.is_dir():
@@ -71,7 +78,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
     if (p / "model_index.json").exists():
         try:
             pipe = diffusers.DiffusionPipeline.from_pretrained(p, local_files_only=True,
-                                                               torch_dtype=dtype or torch.float32)
+                                                               **_dtype_kwarg(dtype))
         except Exception as e:  # diffusers raises many kinds; the user needs to know which dir failed
             raise DiffpruneError(f"{path}: could not load the diffusers pipeline: {e}") from e
         for part in pipe.components.values():
@@ -90,7 +97,15 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
     if cls is None:
         raise DiffpruneError(f"{cfg_file}: unknown diffusers class {cls_name!r}")
     try:
-        model = cls.from_pretrained(p, local_files_only=True, torch_dtype=dtype or torch.float32)
+        model = cls.from_pretrained(p, local_files_only=True, **_dtype_kwarg(dtype))
     except Exception as e:
         raise DiffpruneError(f"{path}: could not load the {cls_name} weights: {e}") from e
     return own_storage(model).eval()
+
+
+def _dtype_kwarg(dtype) -> dict:
+    """from_pretrained's precision argument: `dtype` where diffusers takes it (newer versions warn on every load
+    about `torch_dtype`), `torch_dtype` on the older versions that know only that."""
+    from diffusers.utils import deprecation_utils
+    key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    return {key: dtype or torch.float32}

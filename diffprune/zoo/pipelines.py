@@ -178,3 +178,14 @@ def _tiny_t5_tokenizer():
                                                        special_tokens=[("</s>", 1)])
     return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                            extra_ids=0, model_max_length=512)
+
+
+# Whole pipelines the zoo builds by name (offline, seeded random weights): name -> (builder(seed), description).
+PIPELINES = {
+    "tiny-sd-pipe": (tiny_sd_pipeline, "tiny Stable Diffusion pipeline: tiny-sd UNet, VAE, CLIP text encoder and "
+                                       "tokenizer, PLMS (tests, --prompt; needs transformers)"),
+    "tiny-flux-pipe": (tiny_flux_pipeline, "tiny FLUX.1-dev-style pipeline: tiny-flux transformer, VAE, CLIP and T5 "
+                                           "encoders, flow-euler (tests, --prompt; needs transformers)"),
+    "tiny-sd3-pipe": (tiny_sd3_pipeline, "tiny SD3-style pipeline: tiny-sd3 transformer, VAE, CLIP and T5 encoders, "
+                                         "flow-euler (tests, --prompt; needs transformers)"),
+}
