@@ -155,3 +155,23 @@ def test_faster_cache_runs_with_keep_all_and_a_skipping_schedule_is_refused():
             s.run()
         s.remove_hook()
         assert torch.equal(s.run(), scheduled)
+
+
+def test_diffusers_reset_of_stateful_hooks_starts_a_new_rollout():
+    s = Setup("tiny-dit", "coarse", HOOKS["first-block-cache"][1:])
+    adapter = get_adapter(s.model)
+    x, t, c = adapter.example_inputs(s.model, batch=1)
+    with apply_schedule(s.model, s.schedule, graph=s.graph) as rt, torch.no_grad():
+        first = adapter.predict_noise(s.model, x, t, c)
+        adapter.predict_noise(s.model, x, t, c)
+        assert rt.step == 2
+        HookRegistry.check_if_exists_or_initialize(s.model).reset_stateful_hooks()  # as pipelines do after a call
+        assert rt.step == 2  # the finished rollout's state is readable until the next call
+        with rt.paused():
+            dense = adapter.predict_noise(s.model, torch.ones(2, *x.shape[1:]), t, c | {
+                "class_labels": c["class_labels"].repeat(2)})
+        assert rt.step == 2
+        # step 0 of a new rollout: every unit computed (a new batch size is accepted too)
+        again = adapter.predict_noise(s.model, torch.ones(2, *x.shape[1:]), t, c | {
+            "class_labels": c["class_labels"].repeat(2)})
+        assert rt.step == 1 and torch.equal(again, dense) and first.shape[0] == 1
