@@ -1,16 +1,24 @@
 """Execute a schedule: skipped units return the output they produced the last time they ran.
 
 How it works (nothing here depends on who drives the rollout):
-- every unit module gets an instance-attribute `forward` that decides, from the schedule's table, whether to call
-  the original forward or return the cached output (tuples of skip connections included);
+- every unit module gets a hook in diffusers' HookRegistry (`module._diffusers_hook`, the mechanism of diffusers'
+  own cache hooks) that decides, from the schedule's table, whether to call the forward below it or return the
+  cached output (tuples of skip connections included). So diffprune and diffusers' cache hooks (FirstBlockCache,
+  PyramidAttentionBroadcast, TaylorSeer, MagCache, ...) stack in either order and either can be removed first,
+  leaving the other as it was alone. FasterCache with a skipping schedule is refused: it feeds the model only the
+  conditional half of the CFG batch on some steps, and cached outputs hold the whole batch;
 - a forward pre-hook on the denoiser advances the step counter (step = index of the denoiser call in the rollout);
+  it is a plain torch hook, so it runs outside every registry hook and sees the pipeline's whole batch;
 - units that are kept but dead (no live consumer: UnitGraph.live_units) are not computed at all, so a unit's
   cache holds its output from the last step it was live (DiP-GO training updates caches by the same rule);
 - state resets on every rollout: sampling.sample() calls the listener in `model._diffprune_rollout_listeners`
-  (which also checks the rollout length), a diffusers pipeline's __call__ is wrapped to do the same, and a bare
-  loop that runs past the last row starts a new rollout;
+  (which also checks the rollout length), a diffusers pipeline's __call__ is wrapped to do the same, diffusers'
+  `reset_stateful_hooks` (reset_state) makes the next call start a new rollout, and a bare loop that runs past the
+  last row starts a new rollout;
 - the CFG-doubled batch needs nothing special (the cache holds the whole batch); a change of input shape
   within a rollout is an error.
+- the unit graph, when not given, is traced with every registry hook bypassed (a live cache hook would answer the
+  small tracing input from its state, or ask for a cache context).
 Everything installed is removed by disable() / leaving the `with` block, also after an exception.
 
 The per-step decision is plain Python read from the table, never from tensor values, so each distinct live
@@ -22,13 +30,16 @@ straight-through hard gates, so forward values equal the hard schedule's exactly
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import inspect
-import copy
 import warnings
 
 import numpy as np
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import HookFunctionReference
 
 from ..errors import DiffpruneError
 from ..models import UnitGraph, build_graph, get_adapter
@@ -37,6 +48,11 @@ from ..util import denoiser_of
 from .schedule import Schedule
 
 _MISSING = object()
+HOOK_NAME = "diffprune_schedule"
+# hooks that only place weights or shard inputs: kept while tracing (they do not change values)
+_PLACEMENT_HOOK_MODULES = ("group_offloading", "layerwise_casting", "context_parallel")
+# FasterCache's hook names (diffusers.hooks.faster_cache): its CFG batch split cannot meet cached outputs
+_FASTER_CACHE_HOOKS = ("faster_cache_denoiser", "faster_cache_block")
 
 
 def apply_schedule(model_or_pipeline, schedule: Schedule, *, graph: UnitGraph | None = None, strict: bool = True,
@@ -66,13 +82,17 @@ class ScheduleRuntime:
         get_adapter(self.model)  # a clear error for an unsupported family
         if not isinstance(schedule, Schedule):
             raise DiffpruneError(f"expected a Schedule, got {type(schedule).__name__}")
-        self.graph = graph if graph is not None else build_graph(self.model, schedule.granularity)
+        if graph is None:
+            with registry_hooks_bypassed(self.model):
+                graph = build_graph(self.model, schedule.granularity)
+        self.graph = graph
         schedule.check(self.graph, model=self.model if strict else None)
         self.schedule = schedule
         self.static = static
         self._modules = [self.model.get_submodule(u) for u in schedule.units]
-        self._saved_forward: list = []
+        self._installed: list = []   # per unit: (registry, whether enable() created the registry)
         self._hooks: list = []
+        self._reset_requested = False
         self._enabled = False
         self._paused = False
         self._gates = None
@@ -139,6 +159,7 @@ class ScheduleRuntime:
         self._replay = None
         self._shape = None
         self._snapshots: dict[int, list] = {}
+        self._reset_requested = False
 
     @property
     def step(self) -> int:
@@ -153,6 +174,7 @@ class ScheduleRuntime:
         if step > 0 and any(c is None for c in self._cache):
             raise DiffpruneError("run step 0 first: the caches are empty")
         self._next = step
+        self._reset_requested = False
 
     def _rollout_start(self, n_calls: int):
         if self._paused:
@@ -168,11 +190,15 @@ class ScheduleRuntime:
         if owner is not None:
             raise DiffpruneError("a schedule is already applied to this model; disable it (leave its `with` "
                                  "block) before applying another")
+        self._check_faster_cache()
         try:
             self.model._diffprune_runtime = self
             for i, mod in enumerate(self._modules):
-                self._saved_forward.append(mod.__dict__.get("forward", _MISSING))
-                mod.forward = self._unit_forward(i, mod.forward)
+                created = not hasattr(mod, "_diffusers_hook")
+                registry = HookRegistry.check_if_exists_or_initialize(mod)
+                self._installed.append((registry, created))
+                _register(registry, _UnitHook(self, i))
+            _invalidate_registry_caches(self.model)
             self._hooks = [self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
                            self.model.register_forward_hook(self._post_hook)]
             listeners = self.model.__dict__.setdefault("_diffprune_rollout_listeners", [])
@@ -192,12 +218,13 @@ class ScheduleRuntime:
         if not self._enabled:
             return
         self._enabled = False
-        for mod, saved in zip(self._modules, self._saved_forward):
-            if saved is _MISSING:
-                mod.__dict__.pop("forward", None)
-            else:
-                mod.forward = saved
-        self._saved_forward = []
+        for mod, (registry, created) in zip(self._modules, self._installed):
+            _unregister(registry, HOOK_NAME)
+            if created and not registry.hooks and mod.__dict__.get("_diffusers_hook") is registry:
+                del mod.__dict__["_diffusers_hook"]
+            _drop_plain_forward(mod)
+        self._installed = []
+        _invalidate_registry_caches(self.model)
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -254,8 +281,10 @@ class ScheduleRuntime:
             self._current, self._replay = replay, self._snapshots[replay]
             return
         self._replay = None
-        if self._next >= self._keep.shape[0]:
+        if self._next >= self._keep.shape[0] or self._reset_requested:
             self.reset()  # a loop that drives the model itself: past the last row, a new rollout begins
+        if self._next == 0:
+            self._check_faster_cache()  # FasterCache may have been applied after the schedule
         x = args[0] if args and torch.is_tensor(args[0]) else next(
             (v for k, v in kwargs.items() if k in ("sample", "hidden_states") and torch.is_tensor(v)), None)
         if x is not None:
@@ -274,11 +303,19 @@ class ScheduleRuntime:
     def _post_hook(self, module, args, out):
         self._current, self._replay = None, None  # units called outside a denoiser call run as they are
 
-    def _unit_forward(self, i: int, original):
-        def forward(*args, **kwargs):
-            return self._run_unit(i, original, args, kwargs)
-        forward.__wrapped__ = original
-        return forward
+    def _check_faster_cache(self):
+        if self._gates is None and self._keep.all():
+            return  # nothing is read from the caches
+        found = sorted({name for _, m in self.model.named_modules()
+                        for name in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})
+                        if name in _FASTER_CACHE_HOOKS})
+        if found:
+            raise DiffpruneError(
+                f"this model has diffusers' FasterCache hooks ({', '.join(found)}), which on some steps run only the "
+                f"conditional half of the CFG batch, so a skipped unit's cached output (the whole batch) does not "
+                f"fit; a skipping schedule cannot run with FasterCache. Remove FasterCache (model.disable_cache(), "
+                f"or HookRegistry.remove_hook(name, recurse=True)), or use FirstBlockCache, "
+                f"PyramidAttentionBroadcast, TaylorSeer or MagCache with the schedule")
 
     def _run_unit(self, i, original, args, kwargs):
         s = self._current
@@ -376,6 +413,115 @@ class ScheduleRuntime:
             t_start = max(n - min(int(n * strength), n), 0)
             calls -= t_start * getattr(sched, "order", 1)
         return calls, n
+
+
+# ----- diffusers' hook registry ------------------------------------------------------------------------------------
+
+class _UnitHook(ModelHook):
+    """One unit's share of the runtime: compute (the forward below it in the registry chain) or return the cache."""
+    _is_stateful = True
+
+    def __init__(self, runtime: ScheduleRuntime, index: int):
+        super().__init__()
+        self.runtime, self.index = runtime, index
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.runtime._run_unit(self.index, self.fn_ref.original_forward, args, kwargs)
+
+    def reset_state(self, module):
+        # diffusers resets stateful hooks around pipeline calls: the next denoiser call starts a new rollout
+        # (lazily, so rt.step still reads the finished rollout's length until then)
+        self.runtime._reset_requested = True
+        return module
+
+
+class _ForwardRef(HookFunctionReference):
+    """The function reference of a hook with its own new_forward. diffusers' remove_hook relinks the hook above a
+    removed one by assigning its `forward`, which for a new_forward hook would bypass the hook itself (0.42.1); here
+    that assignment updates what the hook calls (original_forward) instead."""
+
+    @property
+    def forward(self):
+        return self._own_forward
+
+    @forward.setter
+    def forward(self, fn):
+        if "_own_forward" in self.__dict__:
+            self.original_forward = fn
+        else:
+            self._own_forward = fn
+
+
+def _register(registry: HookRegistry, hook: ModelHook):
+    registry.register_hook(hook, HOOK_NAME)
+    ref = hook.fn_ref
+    own = ref.__dict__.pop("forward")
+    ref.__class__ = _ForwardRef
+    ref._own_forward = own
+
+
+def _unregister(registry: HookRegistry, name: str):
+    """registry.remove_hook(name) without diffusers' relinking bug: the hook above gets what the removed one called
+    (as its original_forward when it has its own new_forward, so it keeps running)."""
+    if name not in registry.hooks:
+        return
+    index = registry._hook_order.index(name)
+    ref = registry._fn_refs[index]
+    below = ref.original_forward if ref.original_forward is not None else ref.forward
+    if index == len(registry._hook_order) - 1:
+        registry._module_ref.forward = below
+    else:
+        above = registry._fn_refs[index + 1]
+        if above.original_forward is not None:
+            above.original_forward = below
+        else:
+            above.forward = below
+    registry._module_ref = registry.hooks[name].deinitalize_hook(registry._module_ref)
+    del registry.hooks[name]
+    registry._hook_order.pop(index)
+    registry._fn_refs.pop(index)
+
+
+def _drop_plain_forward(module):
+    """diffusers leaves the class's bound forward as an instance attribute after removing the last hook: drop it,
+    so the module is as it was (an instance forward set by someone else stays)."""
+    f = module.__dict__.get("forward")
+    if getattr(f, "__self__", None) is module and getattr(f, "__func__", None) is type(module).forward:
+        del module.__dict__["forward"]
+
+
+def _invalidate_registry_caches(model):
+    # diffusers caches each registry's list of child registries (for cache contexts); hooks came or went
+    for m in model.modules():
+        registry = m.__dict__.get("_diffusers_hook")
+        if registry is not None:
+            registry._child_registries_cache = None
+
+
+@contextlib.contextmanager
+def registry_hooks_bypassed(model):
+    """Run `model` as if no diffusers registry hook were installed (cache hooks, diffprune's own), e.g. to trace its
+    data flow: a live cache hook answers from its state or asks for a cache context. Hooks that only place weights
+    (group offloading, layerwise casting, context parallel) stay."""
+    saved = []
+    try:
+        for m in model.modules():
+            registry = m.__dict__.get("_diffusers_hook")
+            if registry is None or not registry._fn_refs:
+                continue
+            if any(type(h).__module__.rsplit(".", 1)[-1] in _PLACEMENT_HOOK_MODULES for h in registry.hooks.values()):
+                continue
+            first = registry._fn_refs[0]
+            bottom = first.original_forward if first.original_forward is not None else first.forward
+            saved.append((m, m.__dict__.get("forward", _MISSING)))
+            m.forward = bottom
+        yield model
+    finally:
+        for m, f in reversed(saved):
+            if f is _MISSING:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = f
 
 
 def _blend(current, cached, *, keep, skip):
