@@ -14,6 +14,7 @@ def add_parser(sub):
     p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch size (default 250)")
     p.add_argument("--json", help="write the metrics to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     from ._common import add_sampling_args
     add_sampling_args(p)
     return p
@@ -24,12 +25,14 @@ def run(args):
 
     from ..evaluate import METRIC_COLUMNS, evaluate, format_table
     from ..util import atomic_write_text, denoiser_of, positive_int
-    from ._common import load_for_sampling, load_schedule
+    from ._common import claim, load_for_sampling, load_schedule
 
     positive_int(args.n, "--n")
     positive_int(args.steps, "--steps")
     positive_int(args.batch_size, "--batch-size")
     schedule = load_schedule(args.schedule)
+    if args.json:
+        claim(args, args.json, "--json", overwrite=args.overwrite)
     model = denoiser_of(load_for_sampling(args.model, args.device, args.dtype))
     ref = denoiser_of(load_for_sampling(args.reference, args.device, args.dtype)) if args.reference else None
     metrics, _ = evaluate(model, schedule=schedule, reference_model=ref, num_steps=args.steps,

@@ -65,9 +65,8 @@ def run(args):
     check_criterion(args.criterion, args.reduction, args.norm)
     if args.batch is not None:
         positive_int(args.batch, "--batch")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise DiffpruneError(f"{out} already exists; choose another --out or pass --overwrite")
+    from ._common import claim
+    out = claim(args, args.out, "--out", overwrite=args.overwrite)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise DiffpruneError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
 

@@ -14,6 +14,7 @@ def add_parser(sub):
     p.add_argument("--prompt", action="append", help="text prompt (pipelines; repeat for several)")
     p.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
     p.add_argument("--npz", help="also write the samples as float32 arrays (images, labels) to this .npz")
+    p.add_argument("--overwrite", action="store_true", help="replace --out / --npz if they exist")
     from ._common import add_sampling_args
     add_sampling_args(p)
     return p
@@ -31,7 +32,7 @@ def run(args):
     from ..models import get_adapter
     from ..sampling import generate, sample
     from ..util import atomic_write_bytes, denoiser_of, positive_int
-    from ._common import load_for_sampling, load_schedule
+    from ._common import load_for_sampling, load_schedule, parse_classes
 
     positive_int(args.steps, "--steps")
     positive_int(args.per_class, "--per-class")
@@ -39,6 +40,7 @@ def run(args):
         positive_int(args.n, "--n")
     if not str(args.out).lower().endswith(".png"):
         raise DiffpruneError(f"--out must name a .png file, got {args.out}")
+    classes = parse_classes(args.classes) if args.classes else None
     schedule = load_schedule(args.schedule)
     obj = load_for_sampling(args.model, args.device, args.dtype)
     model = denoiser_of(obj)
@@ -49,15 +51,17 @@ def run(args):
         if obj is not model:  # a pipeline
             if not args.prompt:
                 raise DiffpruneError("a pipeline needs at least one --prompt")
+            _claim(args)
             images = generate(obj, args.prompt, num_steps=args.steps, sampler=args.sampler,
                               guidance_scale=args.guidance_scale, seed=args.seed)
             ncol = len(args.prompt)
         elif adapter.is_class_conditional(model):
             k = adapter.num_classes(model)
-            classes = list(range(k)) if not args.classes else [int(c) for c in args.classes.split(",")]
+            classes = classes or list(range(k))
             bad = [c for c in classes if not 0 <= c < k]
             if bad:
                 raise DiffpruneError(f"--classes {bad} out of range: the model has classes 0..{k - 1}")
+            _claim(args)
             labels = torch.tensor(classes).repeat_interleave(args.per_class)
             images = sample(model, args.steps, args.sampler, labels=labels.to(args.device),
                             guidance_scale=args.guidance_scale, seed=args.seed, progress=True)
@@ -68,6 +72,7 @@ def run(args):
                                  "point at the pipeline directory instead")
         else:
             n = args.n or 16
+            _claim(args)
             images = sample(model, args.steps, args.sampler, batch=n, seed=args.seed, progress=True)
             ncol = min(n, 8)
     if images.shape[1] not in (1, 3):
@@ -85,3 +90,11 @@ def run(args):
         atomic_write_bytes(args.npz, buf.getvalue())
         print(f"wrote {args.npz}")
     return 0
+
+
+def _claim(args):
+    """The outputs, claimed before sampling (the long part): same --overwrite rule as prune and search."""
+    from ._common import claim
+    claim(args, args.out, "--out", overwrite=args.overwrite)
+    if args.npz:
+        claim(args, args.npz, "--npz", overwrite=args.overwrite)

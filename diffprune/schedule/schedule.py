@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import DiffpruneError
 from ..models import GRANULARITIES, UnitGraph, architecture_hash
-from ..util import atomic_write_text
+from ..util import atomic_write_text, read_json
 
 FORMAT = "diffprune-schedule"
 VERSION = 1
@@ -172,10 +172,9 @@ class Schedule:
         p = Path(path)
         if not p.is_file():
             raise DiffpruneError(f"{path}: no such schedule file")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DiffpruneError(f"{path}: not a valid schedule file (corrupt JSON: {e})") from None
+        d = read_json(p)  # bounded size and depth; corrupt JSON is a DiffpruneError naming the file
+        if isinstance(d, dict) and not isinstance(d.get("meta", {}), dict):
+            raise DiffpruneError(f"{path}: not a valid schedule file ('meta' is not an object)")
         return cls.from_dict(d, source=str(path))
 
     def __repr__(self):

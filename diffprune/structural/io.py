@@ -217,8 +217,6 @@ def _read_meta(directory: Path) -> dict:
         doc = read_json(path)
     except FileNotFoundError as e:
         raise DiffpruneError(f"{directory} is not a pruned model directory (no {META_FILE})") from e
-    except DiffpruneError as e:
-        raise DiffpruneError(f"{path} is corrupt: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise DiffpruneError(f"{path} is not a diffprune pruned-model description")
     if doc.get("version") != VERSION:

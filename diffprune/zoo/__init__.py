@@ -2,14 +2,13 @@
 speed; nothing is downloaded), and the reference models this project trains and ships."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from ..errors import DiffpruneError
-from ..util import own_storage
+from ..util import own_storage, read_json
 from .configs import CONFIGS
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
@@ -79,10 +78,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
         raise DiffpruneError(
             f"{path} is not a diffusers model or pipeline directory (no config.json or model_index.json)")
     try:
-        cls_name = json.loads(cfg_file.read_text())["_class_name"]
-    except (json.JSONDecodeError, KeyError) as e:
+        cls_name = read_json(cfg_file)["_class_name"]
+    except (KeyError, TypeError) as e:
         raise DiffpruneError(f"{cfg_file}: not a diffusers config ({e})") from e
-    cls = getattr(diffusers, cls_name, None)
+    cls = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) else None
     if cls is None:
         raise DiffpruneError(f"{cfg_file}: unknown diffusers class {cls_name!r}")
     try:
