@@ -79,8 +79,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
             f"{path} is not a diffusers model or pipeline directory (no config.json or model_index.json)")
     try:
         cls_name = read_json(cfg_file)["_class_name"]
-    except (KeyError, TypeError) as e:
-        raise DiffpruneError(f"{cfg_file}: not a diffusers config ({e})") from e
+    except (KeyError, TypeError, DiffpruneError) as e:
+        raise DiffpruneError(f"{cfg_file}: not a diffusers config ({e})") from None
     cls = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) else None
     if cls is None:
         raise DiffpruneError(f"{cfg_file}: unknown diffusers class {cls_name!r}")
