@@ -85,8 +85,8 @@ class TrainConfig:
     meta: dict = dataclasses.field(default_factory=dict)   # free-form, saved in train_config.json
 
     # fields that may change between an interrupted run and its resumption; all others must match
-    RUN_CONTROL = ("steps", "checkpoint_every", "checkpoint_minutes", "log_every", "sample_every", "device", "max_minutes", "stop_at",
-                   "grid", "grid_steps", "grid_guidance", "plot", "meta")
+    RUN_CONTROL = ("steps", "checkpoint_every", "checkpoint_minutes", "log_every", "sample_every", "device",
+                   "max_minutes", "stop_at", "grid", "grid_steps", "grid_guidance", "plot", "meta")
 
     @classmethod
     def reference(cls, family: str = "unet2d", **overrides) -> "TrainConfig":

@@ -10,8 +10,9 @@ from pathlib import Path
 _INT_FLAGS = {"steps": "positive", "batch_size": "positive", "warmup": "non-negative",
               "checkpoint_every": "positive", "log_every": "positive", "sample_every": "non-negative",
               "seed": "non-negative", "stop_at": "positive"}
-_FLOAT_FLAGS = {"lr": "positive", "max_minutes": "positive", "checkpoint_minutes": "positive", "ema_decay": "non-negative",
-                "label_dropout": "non-negative", "distill_weight": "non-negative", "grad_clip": "non-negative"}
+_FLOAT_FLAGS = {"lr": "positive", "max_minutes": "positive", "checkpoint_minutes": "positive",
+                "ema_decay": "non-negative", "label_dropout": "non-negative", "distill_weight": "non-negative",
+                "grad_clip": "non-negative"}
 
 
 def add_parser(sub):

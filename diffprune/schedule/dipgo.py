@@ -479,7 +479,8 @@ def _load_state(path, pruner, opt, config, iterations):
         raise DiffpruneError(f"{path} holds a pruner being trained for another model or unit set ({n} units, "
                              f"architecture {str(saved.get('model_hash'))[:12]}; this run: {len(config['units'])} "
                              f"units, {config['model_hash'][:12]}); {again}")
-    changed = [f"{k}: {saved.get(k)!r} there, {config.get(k)!r} here" for k in _RUN_KEYS if saved.get(k) != config.get(k)]
+    changed = [f"{k}: {saved.get(k)!r} there, {config.get(k)!r} here"
+               for k in _RUN_KEYS if saved.get(k) != config.get(k)]
     if changed:
         raise DiffpruneError(f"{path} holds a run with other settings ({'; '.join(changed)}); use the same "
                              f"settings to resume, or another state file")
