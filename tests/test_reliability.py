@@ -551,6 +551,31 @@ def _fuzz_state(tmp_path, n, seed):
     assert refused > n // 3
 
 
+def _fuzz_pruner_file(tmp_path, n, seed):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+    model = zoo.build("tiny-unet")
+    graph = build_graph(model)
+    good = tmp_path / "pruner.safetensors"
+    dipgo.train_pruner(model, iterations=1, graph=graph, **_KW).save_pruner(good)
+    with safe_open(str(good), framework="pt") as f:
+        meta = json.loads(f.metadata()["diffprune"])
+    tensors = load_file(str(good))
+    rng = np.random.default_rng(seed)
+    case = tmp_path / "case.safetensors"
+    refused = 0
+    for i in range(n):
+        text = _mutate_text(json.dumps(meta), rng) if i % 3 == 2 else json.dumps(_mutate_doc(meta, rng))
+        case.write_bytes(save(tensors, metadata={"diffprune": text}))
+        try:
+            loaded = dipgo.DipGo.load_pruner(case, model, graph)
+        except DiffpruneError:
+            refused += 1
+            continue
+        assert loaded.pruner.keep_scores().shape == (3, graph.n_units)
+    assert refused > n // 3
+
+
 def test_fuzz_pruned_model_json(tmp_path, saved_unet):
     _fuzz_pruned(saved_unet, tmp_path, 150, seed=0)
 
@@ -559,8 +584,13 @@ def test_fuzz_dipgo_state_files(tmp_path):
     _fuzz_state(tmp_path, 120, seed=0)
 
 
+def test_fuzz_dipgo_pruner_files(tmp_path):
+    _fuzz_pruner_file(tmp_path, 60, seed=0)
+
+
 @pytest.mark.slow
 def test_fuzz_many_more(tmp_path, saved_unet):
     _fuzz_pruned(saved_unet, tmp_path / "p", 1500, seed=1)
     (tmp_path / "s").mkdir()
     _fuzz_state(tmp_path / "s", 1000, seed=1)
+    _fuzz_pruner_file(tmp_path / "s", 500, seed=1)

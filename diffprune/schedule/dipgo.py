@@ -257,7 +257,8 @@ class DipGo:
 
     def info(self) -> dict:
         return {"family": self.graph.family, "granularity": self.graph.granularity, "units": self.graph.units,
-                "sampler": self.sampler, "num_steps": self.num_steps, "model_hash": self.model_hash}
+                "sampler": self.sampler, "num_steps": self.num_steps, "model_hash": self.model_hash,
+                "options": self.config}  # how it was trained (guidance, lr, iterations...), for the record
 
     def save_pruner(self, path):
         self.pruner.save(path, self.info())
