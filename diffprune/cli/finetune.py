@@ -61,8 +61,8 @@ def run(args):
     teacher = args.teacher
     if args.distill and not teacher:
         doc = read_json(path / META_FILE)
-        teacher = doc.get("meta", {}).get("source") if isinstance(doc, dict) and isinstance(doc.get("meta"), dict) \
-            else None
+        meta = doc.get("meta") if isinstance(doc, dict) else None
+        teacher = meta.get("source") if isinstance(meta, dict) else None
         if not teacher:
             raise DiffpruneError(f"{args.model} does not record the dense model it was pruned from; "
                                  f"pass --teacher MODEL")
