@@ -272,11 +272,16 @@ def test_the_json_records_a_content_hash_checked_on_load(tmp_path, saved_unet):
     model, d = saved_unet
     doc = json.loads((d / sio.META_FILE).read_text())
     assert len(doc["weights_sha256"]) == 64 and len(doc["content_sha256"]) == 64
-    # an edit the shapes cannot see (an attention scale) changes the outputs: refused
+    # an edit no shape or width rule can see (a resnet's output scale) changes the outputs: refused
     bad = _copy(d, tmp_path / "scale")
-    name = next(n for n, a in doc["attributes"].items() if "scale" in a)
-    _edit_json(bad, lambda doc: doc["attributes"][name].update(scale=0.5))
+    _edit_json(bad, lambda doc: doc["attributes"].setdefault("down_blocks.0.resnets.0", {}).update(
+        output_scale_factor=2.0))
     with pytest.raises(DiffpruneError, match="edited after it was written"):
+        load_pruned(bad)
+    # an attention scale that does not follow its head dim is refused even without the hash
+    name = next(n for n, a in doc["attributes"].items() if "scale" in a)
+    _unhashed(bad, lambda doc: doc["attributes"][name].update(scale=0.5))
+    with pytest.raises(DiffpruneError, match="do not agree with its layers"):
         load_pruned(bad)
     # other weights of the same shapes (e.g. a fine-tuned copy): refused
     other = _copy(d, tmp_path / "other")

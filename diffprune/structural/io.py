@@ -338,6 +338,7 @@ def load_pruned(directory, dtype: torch.dtype | None = None):
     # memory bounded: the base model is first built on the meta device to see what it would allocate itself
     _check_extra_buffers(_empty_model(doc["class"], doc["base_config"], meta=True), meta_path)
     model = _empty_model(doc["class"], doc["base_config"])
+    base_heads = _attention_heads(model)
     modules = dict(model.named_modules())
     for name, spec in doc["layers"].items():
         if name not in modules:
@@ -366,6 +367,7 @@ def load_pruned(directory, dtype: torch.dtype | None = None):
         m.register_to_config(**cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_match(expected, header, directory)
+    _check_attention(model, base_heads, meta_path)
     if "content_sha256" in doc:  # tied to the weights: checked once the description itself is known sane
         if doc["content_sha256"] != _content_sha256(doc):
             raise DiffpruneError(f"{meta_path} was edited after it was written (its content hash does not match); "
@@ -389,6 +391,36 @@ def load_pruned(directory, dtype: torch.dtype | None = None):
     if target is not None and any(t.dtype != target for t in model.state_dict().values() if t.is_floating_point()):
         nn.Module.to(model, target)  # (diffusers' own .to() warns about fp32-pinned modules we do not have)
     return model.eval()
+
+
+def _attention_heads(model) -> dict:
+    """{name: (heads, head dim, scale follows the head dim)} of every diffusers Attention of the base model."""
+    out = {}
+    for name, m in model.named_modules():
+        if type(m).__name__ == "Attention" and isinstance(getattr(m, "to_q", None), nn.Linear):
+            dim = m.inner_dim // m.heads
+            out[name] = (m.heads, dim, math.isclose(m.scale, dim ** -0.5, rel_tol=1e-6))
+    return out
+
+
+def _check_attention(model, base: dict, path: Path):
+    """An attention block's width attributes must agree with its layers, which the forward pass trusts: pruning
+    keeps either the heads (each one narrower) or the head dim (fewer heads), and the scale follows the head dim."""
+    modules = dict(model.named_modules())
+    for name, (heads0, dim0, scaled) in base.items():
+        m = modules[name]
+        q, k, o = m.to_q, m.to_k, m.to_out[0] if isinstance(getattr(m, "to_out", None), nn.ModuleList) else None
+        heads, inner = m.heads, m.inner_dim
+        ok = (isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and inner == q.out_features
+              and inner % heads == 0 and (heads == heads0 or inner // heads == dim0)
+              and m.query_dim == q.in_features and (o is None or m.out_dim == o.out_features)
+              and (k is None or (getattr(m, "inner_kv_dim", k.out_features) == k.out_features
+                                 and k.out_features % heads == 0))
+              and isinstance(m.scale, float) and math.isfinite(m.scale) and m.scale > 0
+              and (not scaled or math.isclose(m.scale, (inner // heads) ** -0.5, rel_tol=1e-6)))
+        if not ok:
+            raise DiffpruneError(f"{path}: attention {name}: heads {heads}, inner_dim {inner}, scale {m.scale} do not "
+                                 f"agree with its layers; the file is damaged")
 
 
 def _sane(v) -> bool:
