@@ -39,7 +39,7 @@ import torch
 from .distributed import local_share
 from .errors import DiffpruneError
 from .models import get_adapter
-from .util import atomic_write_bytes, atomic_write_text, output_directory
+from .util import atomic_write_bytes, atomic_write_text, output_directory, read_json
 
 NUM_TRAIN_TIMESTEPS = 1000
 _FORMAT = 1  # checkpoint format version
@@ -70,6 +70,7 @@ class TrainConfig:
     loss_reduction: str = "mean"        # "mean": per-pixel MSE; "sum": summed over pixels, mean over the batch
     distill_weight: float = 0.7         # with a teacher: w*|s-teacher|^2 + (1-w)*|s-eps|^2
     checkpoint_every: int = 1000
+    checkpoint_minutes: float = 10.0    # also checkpoint after this much training time since the last one
     log_every: int = 50
     sample_every: int = 0               # sample grid every N steps (0 = only at the end)
     seed: int = 0
@@ -84,8 +85,8 @@ class TrainConfig:
     meta: dict = dataclasses.field(default_factory=dict)   # free-form, saved in train_config.json
 
     # fields that may change between an interrupted run and its resumption; all others must match
-    RUN_CONTROL = ("steps", "checkpoint_every", "log_every", "sample_every", "device", "max_minutes", "stop_at",
-                   "grid", "grid_steps", "grid_guidance", "plot", "meta")
+    RUN_CONTROL = ("steps", "checkpoint_every", "checkpoint_minutes", "log_every", "sample_every", "device",
+                   "max_minutes", "stop_at", "grid", "grid_steps", "grid_guidance", "plot", "meta")
 
     @classmethod
     def reference(cls, family: str = "unet2d", **overrides) -> "TrainConfig":
@@ -157,6 +158,8 @@ class TrainConfig:
             raise DiffpruneError(f"--distill-weight must lie in [0, 1], got {self.distill_weight}")
         if self.grad_clip < 0 or self.weight_decay < 0 or self.eps <= 0:
             raise DiffpruneError("grad_clip and weight_decay must be >= 0 and eps > 0")
+        if not (isinstance(self.checkpoint_minutes, (int, float)) and self.checkpoint_minutes > 0):
+            raise DiffpruneError(f"--checkpoint-minutes must be a positive number, got {self.checkpoint_minutes!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise DiffpruneError(f"--max-minutes must be a positive number, got {self.max_minutes}")
         if self.grid_guidance < 1.0:
@@ -288,6 +291,10 @@ def train_diffusion(model, images, labels, out_dir, config: TrainConfig, *, teac
     elif rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
+        for stale in ckpt_root.glob(".step-*.partial"):  # a checkpoint a kill interrupted
+            shutil.rmtree(stale, ignore_errors=True)
+        # the run's identity, written before any step: a run killed before its first checkpoint is still known
+        # as one (`diffprune train` then starts it over with these settings)
         _write_json(out_dir / "train_config.json", {
             "config": config.to_dict(), "model_class": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()), "images": int(len(images)),
@@ -307,6 +314,7 @@ def train_diffusion(model, images, labels, out_dir, config: TrainConfig, *, teac
     stop = _StopFlag()
     t_start = time.monotonic()
     stopped, last_saved = None, start if latest is not None else -1
+    last_save_time = t_start
     log_sum, log_n = torch.zeros((), device=device), 0
     bar = _progress_bar(config.steps, start, progress and acc.is_main_process)
     step = start
@@ -344,8 +352,11 @@ def train_diffusion(model, images, labels, out_dir, config: TrainConfig, *, teac
 
             at_log = step % config.log_every == 0 or step == config.steps
             # every process must agree to stop: one process checks each step, several only at log rows (a sync)
+            time_due = False
             if world == 1 or at_log:
                 stopped = _stop_reason(stop, config, t_start, acc, world)
+                time_due = _any_process(time.monotonic() - last_save_time >= config.checkpoint_minutes * 60,
+                                        acc, world)
             if config.stop_at is not None and step == config.stop_at and step < config.steps:
                 stopped = stopped or "stop_at"
             if at_log or stopped:
@@ -356,10 +367,10 @@ def train_diffusion(model, images, labels, out_dir, config: TrainConfig, *, teac
                 if rank == 0:
                     _append_log(out_dir / "loss.csv", step, mean_loss, lr, elapsed)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if step % config.checkpoint_every == 0 or stopped or step == config.steps:
+            if step % config.checkpoint_every == 0 or time_due or stopped or step == config.steps:
                 _save_checkpoint(ckpt_root, step, seconds + time.monotonic() - t_start, config, model, opt,
                                  ema, named, gens, data, acc)
-                last_saved = step
+                last_saved, last_save_time = step, time.monotonic()
             if config.sample_every and step % config.sample_every == 0 and step < config.steps and rank == 0:
                 _write_grid(_ema_copy(model, ema, params), out_dir / "samples" / f"step-{step:08d}.png", config)
             if stopped:
@@ -402,13 +413,30 @@ def training_status(out_dir) -> dict | None:
     if not p.exists():
         return None
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DiffpruneError(f"{p} is corrupt ({e}); delete it to resume from the checkpoint") from e
+        state = read_json(p)
+    except DiffpruneError as e:
+        raise DiffpruneError(f"{p} is corrupt ({e}); delete it to resume from the checkpoint") from None
+    if not isinstance(state, dict):
+        raise DiffpruneError(f"{p} is corrupt (not an object); delete it to resume from the checkpoint")
+    return state
 
 
 def has_checkpoint(out_dir) -> bool:
     return (Path(out_dir) / "checkpoint" / "latest").exists()
+
+
+def started_run(out_dir) -> dict | None:
+    """{"config": dict, "step": 0} of a run that wrote its identity (train_config.json) but no checkpoint yet
+    (killed in its first moments), or None when out_dir holds no such file."""
+    p = Path(out_dir) / "train_config.json"
+    try:
+        doc = read_json(p)
+    except FileNotFoundError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        raise DiffpruneError(f"{p} is not a diffprune training run's settings; choose another --out or pass "
+                             f"--overwrite")
+    return {"config": dict(doc["config"]), "step": 0}
 
 
 def saved_run(out_dir) -> dict | None:
@@ -417,9 +445,9 @@ def saved_run(out_dir) -> dict | None:
     if ckpt is None:
         return None
     try:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = read_json(ckpt / "state.json")
         return {"config": dict(state["config"]), "step": int(state["step"])}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, DiffpruneError) as e:
         raise DiffpruneError(f"checkpoint {ckpt} is corrupt ({e}); delete {ckpt.parent} to start over "
                              f"(or pass --overwrite)") from e
 
@@ -604,6 +632,13 @@ def _stop_reason(stop, config, t_start, acc, world):
     return (None, "max_minutes", "interrupted")[reason]
 
 
+def _any_process(flag: bool, acc, world) -> bool:
+    """True on every process when `flag` is true on any (every process must take a checkpoint together)."""
+    if world == 1:
+        return flag
+    return bool(acc.gather(torch.tensor([int(flag)], device=acc.device)).max().item())
+
+
 def _progress_bar(total, initial, enabled):
     from tqdm.auto import tqdm
     tty = sys.stderr.isatty()
@@ -756,11 +791,11 @@ def _read_checkpoint(path: Path, model, opt, ema, named, gens, data, rank, world
     from safetensors.torch import load
     corrupt = f"delete {path.parent} to start over (or pass --overwrite)"
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = read_json(path / "state.json")
         blobs = {f: (path / f).read_bytes() for f in ("model.safetensors", "ema.safetensors", "optimizer.safetensors")}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, DiffpruneError) as e:
         raise DiffpruneError(f"checkpoint {path} is corrupt ({e}); {corrupt}") from e
-    if state.get("format") != _FORMAT:
+    if not isinstance(state, dict) or state.get("format") != _FORMAT or not isinstance(state.get("sha256"), dict):
         raise DiffpruneError(f"checkpoint {path} has format {state.get('format')}, this diffprune reads {_FORMAT}")
     for f, blob in blobs.items():
         if hashlib.sha256(blob).hexdigest() != state["sha256"].get(f):
@@ -786,8 +821,8 @@ def _read_checkpoint(path: Path, model, opt, ema, named, gens, data, rank, world
         gens.device.manual_seed(gens.device.initial_seed() + state["step"])
     else:
         try:
-            _set_rng_state(json.loads(rng_file.read_text()), gens)
-        except (OSError, json.JSONDecodeError, KeyError, ValueError, RuntimeError) as e:
+            _set_rng_state(read_json(rng_file), gens)
+        except (OSError, DiffpruneError, KeyError, ValueError, TypeError, RuntimeError) as e:
             raise DiffpruneError(f"checkpoint file {rng_file} is corrupt ({e}); {corrupt}") from e
     return state
 

@@ -168,7 +168,7 @@ def test_reuse_visits_round_trip_and_bad_grids_are_refused(tmp_path):
         with pytest.raises(DiffpruneError, match=message):
             Schedule.load(path)
     path.write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(DiffpruneError, match="nested too deeply|not a diffprune schedule"):
+    with pytest.raises(DiffpruneError, match="nested"):
         Schedule.load(path)
     noise, cond = _inputs(model)
     with pytest.raises(DiffpruneError, match="plms runs only its own uniform grids"):

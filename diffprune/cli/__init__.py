@@ -3,6 +3,7 @@ package with `add_parser(subparsers)` and `run(args)`; they are discovered autom
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -58,8 +59,10 @@ def main(argv=None) -> int:
         return 2
     import warnings
     plain = _warnings_as_messages(args.command)
+    args._claims = contextlib.ExitStack()  # outputs claimed by the command (_common.claim), released at its end
     try:
-        return args._run(args) or 0
+        with args._claims:
+            return args._run(args) or 0
     except DiffpruneError as e:
         print(f"diffprune {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -73,6 +73,28 @@ def default_guidance(obj) -> float:
     return 2.0 if adapter.conditioning == "text" or adapter.is_class_conditional(model) else 1.0
 
 
+def claim(args, path, what: str = "--out", overwrite: bool | None = None):
+    """Claim an output of this command before its long work (util.claim_output: writable, no other diffprune run
+    writing it, an earlier killed run's debris removed), held until the command ends. With `overwrite` given, an
+    existing file is refused unless it is True (checked after the claim: no other run can make it meanwhile)."""
+    from pathlib import Path
+
+    from ..util import claim_output
+    path = Path(path)
+    args._claims.enter_context(claim_output(path, what))
+    if overwrite is False and path.exists():
+        raise DiffpruneError(f"{path} already exists; choose another {what} or pass --overwrite")
+    return path
+
+
+def parse_classes(text):
+    """--classes "0,7" -> [0, 7]; a clear error for anything else."""
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise DiffpruneError(f"--classes must be comma-separated integers, got {text!r}") from None
+
+
 def load_schedule(path):
     if not path:
         return None

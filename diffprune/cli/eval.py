@@ -22,6 +22,7 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, default=250, help="sampling batch size (default 250)")
     p.add_argument("--json", help="write the metrics to this JSON file")
     p.add_argument("--prompt", action="append", help="text prompt (pipelines; repeat for several)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     from ._common import add_sampling_args
     add_sampling_args(p)
     return p
@@ -35,7 +36,7 @@ def run(args):
     from ..evaluate import METRIC_COLUMNS, evaluate, format_table
     from ..util import atomic_write_text, denoiser_of, positive_int
     from ..sampling import rollout_length
-    from ._common import (default_guidance, duration, estimate_seconds, load_for_sampling, load_schedule,
+    from ._common import (claim, default_guidance, duration, estimate_seconds, load_for_sampling, load_schedule,
                           resolve_device, resolve_rollout)
 
     args.device = resolve_device(args.device)
@@ -51,6 +52,8 @@ def run(args):
     schedule = load_schedule(args.schedule)
     resolve_rollout(args, schedule)
     procs = processes(args.device)  # first: under accelerate launch it makes "cuda" this process's GPU
+    if args.json and procs.is_main_process:  # only the main process writes it
+        claim(args, args.json, "--json", overwrite=args.overwrite)
     model = denoiser_of(load_for_sampling(args.model, args.device, args.dtype))
     ref = denoiser_of(load_for_sampling(args.reference, args.device, args.dtype)) if args.reference else None
     if args.guidance_scale is None:

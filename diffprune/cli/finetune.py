@@ -1,12 +1,11 @@
 """diffprune finetune: fine-tune a pruned model with the Diff-Pruning recipe (a `diffprune train` run)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 # finetune flag -> the `diffprune train` flag it is passed on as (same meaning, same checks there)
 _PASSED_ON = ("steps", "batch_size", "lr", "ema_decay", "grad_clip", "distill_weight", "max_minutes", "stop_at",
-              "checkpoint_every", "log_every", "sample_every", "seed", "data", "limit", "device")
+              "checkpoint_every", "checkpoint_minutes", "log_every", "sample_every", "seed", "data", "limit", "device")
 
 
 def add_parser(sub):
@@ -35,6 +34,8 @@ def add_parser(sub):
     p.add_argument("--max-minutes", type=float, help="stop cleanly after this much training time; rerun to continue")
     p.add_argument("--stop-at", type=int, help="stop after this step as if interrupted (train in slices)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 1000)")
+    p.add_argument("--checkpoint-minutes", type=float,
+                   help="also checkpoint after this many minutes since the last checkpoint (default 10)")
     p.add_argument("--log-every", type=int, help="steps between loss.csv rows (default 50)")
     p.add_argument("--sample-every", type=int, help="write a sample grid every N steps (default 0: at the end)")
     p.add_argument("--no-grid", action="store_true", help="skip the final sample grid")
@@ -49,6 +50,7 @@ def add_parser(sub):
 def run(args):
     from ..errors import DiffpruneError
     from ..structural.io import META_FILE
+    from ..util import read_json
     from . import build_parser
     from . import train as train_cli
 
@@ -58,10 +60,9 @@ def run(args):
                              f"`diffprune prune`, or fine-tune other models with `diffprune train`")
     teacher = args.teacher
     if args.distill and not teacher:
-        try:
-            teacher = json.loads((path / META_FILE).read_text()).get("meta", {}).get("source")
-        except (OSError, ValueError, AttributeError) as e:
-            raise DiffpruneError(f"{path / META_FILE} is corrupt: {e}") from e
+        doc = read_json(path / META_FILE)
+        meta = doc.get("meta") if isinstance(doc, dict) else None
+        teacher = meta.get("source") if isinstance(meta, dict) else None
         if not teacher:
             raise DiffpruneError(f"{args.model} does not record the dense model it was pruned from; "
                                  f"pass --teacher MODEL")
@@ -73,4 +74,6 @@ def run(args):
     if teacher:
         argv += ["--teacher", str(teacher)]
     argv += [f"--{flag}" for flag in ("no-grid", "overwrite") if getattr(args, flag.replace("-", "_"))]
-    return train_cli.run(build_parser().parse_args(argv))
+    train_args = build_parser().parse_args(argv)
+    train_args._claims = args._claims  # the train run claims its --out for this command
+    return train_cli.run(train_args)

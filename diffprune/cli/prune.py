@@ -67,9 +67,8 @@ def run(args):
     check_criterion(args.criterion, args.reduction, args.norm)
     if args.batch is not None:
         positive_int(args.batch, "--batch")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise DiffpruneError(f"{out} already exists; choose another --out or pass --overwrite")
+    from ._common import claim
+    out = claim(args, args.out, "--out", overwrite=args.overwrite)
     args.device = resolve_device(args.device)
 
     obj = zoo.load_model(args.model)

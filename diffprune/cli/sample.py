@@ -18,6 +18,7 @@ def add_parser(sub):
                    help="CUDA only: capture the whole rollout (every denoiser call, the sampler and the guidance "
                         "arithmetic) as one CUDA graph and replay it; same samples, no Python per step "
                         "(deterministic samplers: ddim, plms, dpm-solver++)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out / --npz if they exist")
     from ._common import add_sampling_args
     add_sampling_args(p)
     return p
@@ -51,7 +52,8 @@ def run(args):
     from ..capture import capture_rollout
     from ..sampling import generate
     from ..util import atomic_write_bytes, denoiser_of, positive_int
-    from ._common import default_guidance, load_for_sampling, load_schedule, resolve_device, resolve_rollout
+    from ._common import (default_guidance, load_for_sampling, load_schedule, parse_classes, resolve_device,
+                          resolve_rollout)
 
     args.device = resolve_device(args.device)
     positive_int(args.per_class, "--per-class")
@@ -59,6 +61,7 @@ def run(args):
         positive_int(args.n, "--n")
     if not str(args.out).lower().endswith(".png"):
         raise DiffpruneError(f"--out must name a .png file, got {args.out}")
+    classes = parse_classes(args.classes) if args.classes else None
     schedule = load_schedule(args.schedule)
     resolve_rollout(args, schedule)
     grid = schedule.grid if schedule is not None else None
@@ -80,6 +83,7 @@ def run(args):
                 raise DiffpruneError("a pipeline needs at least one --prompt")
             if procs.num_processes > 1:
                 raise DiffpruneError("pipelines sample in one process for now; run without accelerate launch")
+            _claim(args, procs)
             if args.compile:
                 images = _captured_pipeline(obj, schedule, args)
             else:
@@ -88,10 +92,11 @@ def run(args):
             ncol = len(args.prompt)
         elif adapter.is_class_conditional(model):
             k = adapter.num_classes(model)
-            classes = list(range(k)) if not args.classes else [int(c) for c in args.classes.split(",")]
+            classes = classes or list(range(k))
             bad = [c for c in classes if not 0 <= c < k]
             if bad:
                 raise DiffpruneError(f"--classes {bad} out of range: the model has classes 0..{k - 1}")
+            _claim(args, procs)
             labels = torch.tensor(classes).repeat_interleave(args.per_class)
             if args.compile:
                 images = capture_rollout(model, schedule, steps=args.steps, sampler=args.sampler,
@@ -106,6 +111,7 @@ def run(args):
                                  "point at the pipeline directory instead (or try the zoo's tiny-sd-pipe)")
         else:
             n = args.n or 16
+            _claim(args, procs)
             if args.compile:
                 images = capture_rollout(model, schedule, steps=args.steps, sampler=args.sampler,
                                          batch=n)(seed=args.seed)
@@ -155,3 +161,14 @@ def _sample_shared(model, args, n, labels, procs, grid=None):
     parts = [None] * procs.num_processes
     torch.distributed.all_gather_object(parts, mine)
     return torch.cat(parts)
+
+
+def _claim(args, procs):
+    """The outputs, claimed before sampling (the long part): same --overwrite rule as prune and search; under
+    accelerate launch only the main process writes them."""
+    from ._common import claim
+    if not procs.is_main_process:
+        return
+    claim(args, args.out, "--out", overwrite=args.overwrite)
+    if args.npz:
+        claim(args, args.npz, "--npz", overwrite=args.overwrite)

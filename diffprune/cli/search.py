@@ -63,6 +63,9 @@ def add_parser(sub):
     g.add_argument("--pruner", help="a trained pruner (.safetensors) to threshold instead of training one")
     g.add_argument("--save-pruner", help="write the trained pruner here (.safetensors)")
     g.add_argument("--state", help="resumable training state file (.safetensors); resumes if it exists")
+    g.add_argument("--checkpoint-minutes", type=float, default=5.0,
+                   help="save --state every M minutes of training (default 5), and at the end")
+    g.add_argument("--checkpoint-every", type=int, help="also save --state every N iterations")
     return p
 
 
@@ -83,8 +86,11 @@ def run(args):
         raise DiffpruneError(f"--method {args.method} needs --ratio (a pruned MACs ratio strictly between 0 and 1)")
     for name in ("steps", "budget", "samples", "iterations", "batch_size", "dim", "depth"):
         positive_int(getattr(args, name), "--" + name.replace("_", "-"))
-    if args.interval is not None:
-        positive_int(args.interval, "--interval")
+    for name in ("interval", "checkpoint_every"):
+        if getattr(args, name) is not None:
+            positive_int(getattr(args, name), "--" + name.replace("_", "-"))
+    if not args.checkpoint_minutes > 0:
+        raise DiffpruneError(f"--checkpoint-minutes must be a positive number, got {args.checkpoint_minutes}")
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise DiffpruneError(f"--out must name a .json file, got {args.out}")
@@ -94,12 +100,8 @@ def run(args):
             raise DiffpruneError(f"{f} already exists; choose another --out or pass --overwrite")
     if args.pruner and args.method != "dipgo":
         raise DiffpruneError("--pruner only applies to --method dipgo")
-    labels = None
-    if args.classes:
-        try:
-            labels = torch.tensor([int(c) for c in args.classes.split(",")])
-        except ValueError:
-            raise DiffpruneError(f"--classes must be comma-separated integers, got {args.classes!r}") from None
+    from ._common import claim, parse_classes
+    labels = torch.tensor(parse_classes(args.classes)) if args.classes else None
     prompts = None
     if args.prompts:
         try:
@@ -118,6 +120,12 @@ def run(args):
     # repeat): made before the model is loaded so that "cuda" is each process's own GPU, and every process has
     # checked --out before the main one writes it
     procs = processes(args.device)
+    if procs.is_main_process:  # claimed before any work; checked again once no other run can make them
+        for f in (out, png):
+            claim(args, f, "--out", overwrite=args.overwrite)
+        for f, what in ((args.save_pruner, "--save-pruner"), (args.state, "--state")):
+            if f and args.method == "dipgo":
+                claim(args, f, what)
     procs.wait_for_everyone()
     obj = load_for_sampling(args.model, args.device, args.dtype)
     model = denoiser_of(obj)
@@ -132,7 +140,8 @@ def run(args):
                        alpha=args.alpha, dim=args.dim, encoder=not args.no_encoder,
                        checkpoint=not args.no_checkpoint, pruner=args.pruner,
                        save_pruner=args.save_pruner if procs.is_main_process else None,
-                       state_path=args.state)
+                       state_path=args.state, checkpoint_every=args.checkpoint_every,
+                       checkpoint_minutes=args.checkpoint_minutes)
     sched = search_schedule(obj, args.method, ratio=args.ratio, steps=args.steps, sampler=args.sampler,
                             graph=graph, budget=args.budget, n_samples=args.samples,
                             guidance_scale=args.guidance_scale, seed=args.seed, labels=labels, prompts=prompts,

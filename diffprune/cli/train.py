@@ -10,8 +10,9 @@ from pathlib import Path
 _INT_FLAGS = {"steps": "positive", "batch_size": "positive", "warmup": "non-negative",
               "checkpoint_every": "positive", "log_every": "positive", "sample_every": "non-negative",
               "seed": "non-negative", "stop_at": "positive"}
-_FLOAT_FLAGS = {"lr": "positive", "max_minutes": "positive", "ema_decay": "non-negative",
-                "label_dropout": "non-negative", "distill_weight": "non-negative", "grad_clip": "non-negative"}
+_FLOAT_FLAGS = {"lr": "positive", "max_minutes": "positive", "checkpoint_minutes": "positive",
+                "ema_decay": "non-negative", "label_dropout": "non-negative", "distill_weight": "non-negative",
+                "grad_clip": "non-negative"}
 
 
 def add_parser(sub):
@@ -47,6 +48,8 @@ def add_parser(sub):
                         "run the same command again to continue")
     p.add_argument("--stop-at", type=int, metavar="N", help="stop after this step as if interrupted (train in slices)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (default 1000)")
+    p.add_argument("--checkpoint-minutes", type=float, metavar="X",
+                   help="also checkpoint after X minutes of training since the last checkpoint (default 10)")
     p.add_argument("--log-every", type=int, metavar="N", help="steps between loss.csv rows (default 50)")
     p.add_argument("--sample-every", type=int, metavar="N",
                    help="write a sample grid every N steps (default 0: only at the end)")
@@ -63,8 +66,10 @@ def add_parser(sub):
 def run(args):
     from ..distributed import processes
     from ..errors import DiffpruneError
-    from ..train import (TrainConfig, TrainingInterrupted, has_checkpoint, saved_run, train_diffusion,
+    from ..train import (TrainConfig, TrainingInterrupted, has_checkpoint, saved_run, started_run, train_diffusion,
                          training_status)
+    from ..util import remove_debris
+    from ._common import claim
 
     # ---- cheap checks first: nothing is loaded before the arguments are known to be sane ----
     for name, kind in list(_INT_FLAGS.items()) + [("limit", "positive")]:
@@ -81,10 +86,14 @@ def run(args):
     # under `accelerate launch` every process runs this: the main one alone touches the directory, the others
     # look at it after it has
     procs = processes(args.device)
-    if out.exists() and args.overwrite and procs.is_main_process:
-        shutil.rmtree(out)
+    if procs.is_main_process:  # the run directory is this run's until it ends: a second writer is refused
+        claim(args, out, "--out")
+        if out.exists() and args.overwrite:
+            shutil.rmtree(out)
+        for d in (out, out / "samples"):
+            remove_debris(d)  # temporaries of a killed run
     procs.wait_for_everyone()
-    resuming = False
+    resuming = started = False
     if out.exists() and not args.overwrite:
         state = training_status(out)
         if state and state.get("finished"):
@@ -92,10 +101,12 @@ def run(args):
                                  f"train again from scratch, or choose another --out")
         if has_checkpoint(out):
             resuming = True
+        elif (out / "train_config.json").exists():
+            started = True  # killed before its first checkpoint: nothing to resume, start it over as it was
         elif any(out.iterdir()):
-            raise DiffpruneError(f"{out} exists and is not an unfinished diffprune training run; choose another "
-                                 f"--out or pass --overwrite")
-    saved = saved_run(out) if resuming else None
+            raise DiffpruneError(f"{out} holds files but no diffprune training run (no train_config.json or "
+                                 f"checkpoint/); choose another --out or pass --overwrite")
+    saved = saved_run(out) if resuming else started_run(out) if started else None
     procs.wait_for_everyone()  # every process has decided before the main one writes anything
     if saved is not None and saved["config"].get("meta", {}).get("model") not in (None, args.model):
         raise DiffpruneError(f"{out} is a run of {saved['config']['meta']['model']!r}, not {args.model!r}; "
@@ -129,7 +140,10 @@ def run(args):
         from .. import zoo
         from ..util import denoiser_of
         teacher = denoiser_of(zoo.load_model(args.teacher))
-    if saved is not None and procs.is_main_process:
+    if started and procs.is_main_process:
+        print(f"the run in {out} was stopped before its first checkpoint: starting it over with its settings",
+              file=sys.stderr)
+    elif saved is not None and procs.is_main_process:
         print(f"resuming the run in {out} from step {saved['step']} of {config.steps}", file=sys.stderr)
     elif procs.is_main_process:
         n_params = sum(p.numel() for p in model.parameters())

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ..distributed import global_extent, local_share, mean_across_, processes
 from ..errors import DiffpruneError
 from ..models import UnitGraph, architecture_hash, build_graph
-from ..util import atomic_write_bytes, ratio as check_ratio
+from ..util import atomic_write_bytes, loads_json, ratio as check_ratio
 from .rollouts import batch_share, make_rollouts
 from .runtime import ScheduleRuntime
 from .schedule import Schedule, collapse_report
@@ -193,14 +193,23 @@ class Pruner(nn.Module):
             raise DiffpruneError(f"{path}: no such pruner file")
         try:
             with safe_open(str(p), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("diffprune", "{}"))
+                text = (f.metadata() or {}).get("diffprune", "{}")
             tensors = load_file(str(p))
         except Exception as e:  # safetensors raises several kinds for a damaged file
             raise DiffpruneError(f"{path}: not a readable safetensors file ({e})") from None
-        if meta.get("format") == SCORES_FORMAT:  # what --save-pruner writes: the scores alone
+        meta = loads_json(text, f"{path} (pruner metadata)")
+        if isinstance(meta, dict) and meta.get("format") == SCORES_FORMAT:  # what --save-pruner writes: the scores
             return ScoreTable.from_file(tensors, meta, path), meta
-        if meta.get("format") != PRUNER_FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != PRUNER_FORMAT:
             raise DiffpruneError(f"{path} is not a DiP-GO pruner written by diffprune")
+        bad = [k for k in ("n_calls", "n_units", "dim", "hidden") if not _count(meta.get(k))]
+        bad += [k for k, kind in (("encoder", bool), ("sampler", str), ("model_hash", str), ("units", list))
+                if not isinstance(meta.get(k), kind)]
+        bad += [] if _count(meta.get("num_steps")) else ["num_steps"]
+        queries = tensors.get("queries")
+        if bad or queries is None or tuple(queries.shape) != (meta["n_calls"], meta["n_units"], meta["dim"]):
+            raise DiffpruneError(f"{path}: a damaged pruner file ({', '.join(bad) or 'queries'} do not describe "
+                                 f"its weights); train the pruner again")
         pruner = cls(meta["n_calls"], meta["n_units"], meta["dim"], meta["hidden"], meta["encoder"])
         try:
             pruner.load_state_dict(tensors)
@@ -234,6 +243,10 @@ class ScoreTable:
             raise DiffpruneError(f"{path}: the score table is missing or not {meta.get('n_calls')} x "
                                  f"{meta.get('n_units')}; write it again with --save-pruner")
         return cls(scores.numpy())
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2 ** 31
 
 
 def _he_uniform(shape, fan_in):
@@ -277,7 +290,8 @@ class DipGo:
 
     def info(self) -> dict:
         return {"family": self.graph.family, "granularity": self.graph.granularity, "units": self.graph.units,
-                "sampler": self.sampler, "num_steps": self.num_steps, "model_hash": self.model_hash}
+                "sampler": self.sampler, "num_steps": self.num_steps, "model_hash": self.model_hash,
+                "options": self.config}  # how it was trained (guidance, lr, iterations...), for the record
 
     def save_pruner(self, path):
         """The score table (small; see ScoreTable) with what it was trained for and how the training went."""
@@ -314,8 +328,8 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
                  weight_decay: float = 1e-4, warmup: int = 10, grad_clip: float = 1.0, alpha: float = 1.0,
                  guidance_scale: float = 1.0, labels=None, prompts=None, conditions=None, seed: int = 0,
                  dim: int = 512, hidden: int = 128, encoder: bool = True, checkpoint: bool = True,
-                 pruner: Pruner | None = None, state_path=None, checkpoint_every: int = 50,
-                 progress: bool = True) -> DipGo:
+                 pruner: Pruner | None = None, state_path=None, checkpoint_every: int | None = None,
+                 checkpoint_minutes: float = 5.0, progress: bool = True) -> DipGo:
     """Train a DiP-GO pruner on `model_or_pipeline` (a bare denoiser or a pipeline; the model is frozen and left
     unchanged) for a target pruned MACs ratio.
 
@@ -325,8 +339,10 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     sign); cosine decay after `warmup` linear warm-up iterations; gradient norm clipped to grad_clip. The pruner
     is fp32 whatever the model's precision. checkpoint: recompute each denoiser call in the backward pass
     (activation checkpointing per step).
-    state_path: a .safetensors file the pruner and optimizer state are saved to every checkpoint_every iterations
-    and at the end; if it exists, training resumes from it.
+    state_path: a .safetensors file the pruner and optimizer state are saved to every checkpoint_minutes of
+    training (and every checkpoint_every iterations, if given) and at the end; if it exists, training resumes from
+    it. It records the model's architecture hash, the units, the rollout (sampler, steps, guidance) and every
+    training option: resuming under anything else is refused.
 
     Data parallel under `accelerate launch` / torchrun: batch_size is the global batch (it must divide by the
     number of processes); every process draws the same global conditions and noise and runs its share of them,
@@ -336,13 +352,15 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     target = check_ratio(target, "target")
     if optimizer not in ("sgd", "adamw"):
         raise DiffpruneError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-    for name, v in (("iterations", iterations), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    for name, v in (("iterations", iterations), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if (v is not None or name != "checkpoint_every") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise DiffpruneError(f"{name} must be a positive integer, got {v!r}")
     if iterations < warmup:
         warnings.warn(f"DiP-GO: {iterations} iterations end within the {warmup}-iteration learning-rate warm-up: "
                       f"the pruner may barely move, and then its schedule is close to arbitrary (checked at the "
                       f"end); train 50 or more iterations", stacklevel=2)
+    if not (isinstance(checkpoint_minutes, (int, float)) and checkpoint_minutes > 0):
+        raise DiffpruneError(f"checkpoint_minutes must be a positive number, got {checkpoint_minutes!r}")
     rollouts = make_rollouts(model_or_pipeline, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                              labels=labels, prompts=prompts, conditions=conditions)
     lr = lr if lr is not None else default_lr(optimizer, rollouts.n_calls)
@@ -372,17 +390,19 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
               "lr": lr, "momentum": momentum if optimizer == "sgd" else None, "weight_decay": weight_decay,
               "warmup": warmup, "grad_clip": grad_clip, "alpha": alpha, "guidance_scale": guidance_scale,
               "seed": seed, "dim": pruner.dim, "hidden": pruner.hidden, "encoder": pruner.use_encoder,
-              "sampler": sampler, "num_steps": num_steps, "granularity": graph.granularity}
+              "sampler": sampler, "num_steps": num_steps, "granularity": graph.granularity,
+              "model_hash": architecture_hash(model), "units": graph.units, "n_calls": T}
     history: list[dict] = []
     start = 0
     if state_path is not None and Path(state_path).exists():
-        start, history = _load_state(state_path, pruner, opt, config)
+        start, history = _load_state(state_path, pruner, opt, config, iterations)
         lr_sched.last_epoch = start  # the lr of iteration `start`; step() carries on from there
         for group, base in zip(opt.param_groups, lr_sched.base_lrs):
             group["lr"] = base * lr_factor(start)
 
     result = DipGo(pruner=pruner, graph=graph, sampler=sampler, num_steps=num_steps,
-                   model_hash=architecture_hash(model), history=history, config=config)
+                   model_hash=config["model_hash"], history=history,
+                   config={k: v for k, v in config.items() if k not in ("model_hash", "units", "n_calls")})
     runtime = ScheduleRuntime(model, Schedule.keep_all(graph, num_steps, sampler=sampler, model=model, n_calls=T),
                               graph=graph)
     frozen = [p.requires_grad for p in model.parameters()]
@@ -390,6 +410,7 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     model.requires_grad_(False).eval()
     bar = tqdm(range(start, iterations), desc="dipgo", disable=not (progress and procs.is_main_process),
                initial=start, total=iterations)
+    last_save = time.monotonic()
     try:
         with runtime:
             for it in bar:
@@ -428,10 +449,13 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
                     first_done = time.perf_counter()
                 elif it == start + 1 and not bar.disable:  # the first iteration pays one-off costs
                     _say_eta(bar, time.perf_counter() - first_done, iterations - it - 1)
-                if state_path is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == iterations):
+                if state_path is not None and _state_due(it + 1, iterations, checkpoint_every,
+                                                         time.monotonic() - last_save >= checkpoint_minutes * 60,
+                                                         procs, device):
                     if procs.is_main_process:
                         _save_state(state_path, pruner, opt, config, it + 1, history)
                     procs.wait_for_everyone()  # nobody reads the file back before it is complete
+                    last_save = time.monotonic()
     finally:
         for p, f in zip(model.parameters(), frozen):
             p.requires_grad_(f)
@@ -462,8 +486,28 @@ def _stalled(history: list[dict], pruner) -> list[str]:
 
 # ----- resumable state ------------------------------------------------------------------------------------------
 
-_RUN_KEYS = ("target", "optimizer", "batch_size", "seed", "dim", "hidden", "encoder", "sampler", "num_steps",
-             "granularity", "alpha")
+# what a state file is tied to: resuming under any other value would train something else
+_RUN_KEYS = ("model_hash", "units", "n_calls", "target", "optimizer", "batch_size", "seed", "dim", "hidden",
+             "encoder", "sampler", "num_steps", "granularity", "alpha", "guidance_scale", "lr", "momentum",
+             "weight_decay", "warmup", "grad_clip")
+
+
+def _kind(x):
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float
+    return list if isinstance(x, tuple) else type(x)
+
+
+def _state_due(done, iterations, every, time_due, procs, device) -> bool:
+    """Save the state now? At the end, every `every` iterations, or when the time interval has passed on any
+    process (the processes agree, or some would wait for a save that never comes)."""
+    if done == iterations or (every is not None and done % every == 0):
+        return True
+    if procs.num_processes > 1:
+        flag = torch.tensor([float(time_due)], device=device)
+        mean_across_([flag], procs)
+        time_due = bool(flag.item() > 0)
+    return time_due
 
 
 def _save_state(path, pruner, opt, config, iteration, history):
@@ -482,31 +526,63 @@ def _save_state(path, pruner, opt, config, iteration, history):
     atomic_write_bytes(path, save(tensors, metadata={"diffprune_state": json.dumps(meta)}))
 
 
-def _load_state(path, pruner, opt, config):
+def _load_state(path, pruner, opt, config, iterations):
     from safetensors import safe_open
     from safetensors.torch import load_file
+    again = "delete it to start over, or give another --state file"
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["diffprune_state"])
+            text = (f.metadata() or {}).get("diffprune_state")
         tensors = load_file(str(path))
     except Exception as e:
-        raise DiffpruneError(f"{path}: cannot resume from this file ({e}); delete it to start over") from None
+        raise DiffpruneError(f"{path}: cannot resume from this file ({e}); {again}") from None
+    if text is None:
+        raise DiffpruneError(f"{path} is not a DiP-GO state file written by diffprune; {again}")
+    meta = loads_json(text, f"{path} (DiP-GO state)")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise DiffpruneError(f"{path} is not a DiP-GO state file written by diffprune; {again}")
     saved = meta["config"]
-    changed = [k for k in _RUN_KEYS if saved.get(k) != config.get(k)]
+    if saved.get("model_hash") != config["model_hash"] or saved.get("units") != config["units"]:
+        n = len(saved["units"]) if isinstance(saved.get("units"), list) else "?"
+        raise DiffpruneError(f"{path} holds a pruner being trained for another model or unit set ({n} units, "
+                             f"architecture {str(saved.get('model_hash'))[:12]}; this run: {len(config['units'])} "
+                             f"units, {config['model_hash'][:12]}); {again}")
+    changed = [f"{k}: {saved.get(k)!r} there, {config.get(k)!r} here"
+               for k in _RUN_KEYS if saved.get(k) != config.get(k)]
     if changed:
-        raise DiffpruneError(f"{path} holds a run with other settings ({', '.join(changed)}); use the same "
+        raise DiffpruneError(f"{path} holds a run with other settings ({'; '.join(changed)}); use the same "
                              f"settings to resume, or another state file")
-    pruner.load_state_dict({k[len("pruner/"):]: v for k, v in tensors.items() if k.startswith("pruner/")})
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt/"):
-            _, idx, name = k.split("/", 2)
-            state.setdefault(int(idx), {})[name] = v.to(next(pruner.parameters()).device)
-    for k, v in meta["scalars"].items():
-        idx, name = k.split("/", 1)
-        state.setdefault(int(idx), {})[name] = torch.tensor(v)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["iteration"]), list(meta["history"])
+    iteration = meta.get("iteration")
+    if not (isinstance(iteration, int) and not isinstance(iteration, bool) and 0 <= iteration <= iterations
+            and isinstance(meta.get("history"), list) and len(meta["history"]) == iteration
+            and all(isinstance(row, dict) for row in meta["history"]) and isinstance(meta.get("scalars"), dict)
+            and isinstance(meta.get("param_groups"), list)):
+        raise DiffpruneError(f"{path}: damaged state (iteration, history or optimizer state; or more iterations "
+                             f"than the {iterations} asked for); {again}")
+    try:
+        pruner.load_state_dict({k[len("pruner/"):]: v for k, v in tensors.items() if k.startswith("pruner/")})
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("opt/"):
+                _, idx, name = k.split("/", 2)
+                state.setdefault(int(idx), {})[name] = v.to(next(pruner.parameters()).device)
+        for k, v in meta["scalars"].items():
+            idx, name = k.split("/", 1)
+            state.setdefault(int(idx), {})[name] = torch.tensor(float(v))
+        groups, params = meta["param_groups"], list(pruner.parameters())
+        now = opt.state_dict()["param_groups"]
+        if len(groups) != len(now) or any(
+                not isinstance(g, dict) or g.get("params") != n["params"]
+                or any(_kind(g.get(k)) is not _kind(v) for k, v in n.items() if k != "params")
+                for g, n in zip(groups, now)):
+            raise ValueError("the optimizer settings do not fit this run")
+        if any(not 0 <= i < len(params) or any(v.ndim and v.shape != params[i].shape for v in st.values())
+               for i, st in state.items()):
+            raise ValueError("the optimizer state does not fit the pruner")
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise DiffpruneError(f"{path}: damaged state ({e}); {again}") from None
+    return iteration, list(meta["history"])
 
 
 __all__ = ["Pruner", "DipGo", "train_pruner", "table_at_ratio", "cascaded_costs", "pruned_ratio",

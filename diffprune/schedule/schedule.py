@@ -29,13 +29,12 @@ import numpy as np
 from ..errors import DiffpruneError
 from ..grid import Grid, base_timesteps, fold_reason
 from ..models import GRANULARITIES, UnitGraph, architecture_hash
-from ..util import atomic_write_text
+from ..util import atomic_write_text, read_json
 
 FORMAT = "diffprune-schedule"
 VERSION = 2
 READS = (1, 2)
 MAX_STEPS = 100_000          # more sampler steps than any scheduler has training timesteps
-MAX_FILE_BYTES = 64 * 2**20  # a schedule of 100,000 calls x 1,000 units is ~100 MB; real ones are kilobytes
 
 
 @dataclasses.dataclass(eq=False)
@@ -319,14 +318,7 @@ class Schedule:
         p = Path(path)
         if not p.is_file():
             raise DiffpruneError(f"{path}: no such schedule file")
-        if p.stat().st_size > MAX_FILE_BYTES:
-            raise DiffpruneError(f"{path}: {p.stat().st_size} bytes is too large for a schedule file")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DiffpruneError(f"{path}: not a valid schedule file (corrupt JSON: {e})") from None
-        except RecursionError:
-            raise DiffpruneError(f"{path}: not a valid schedule file (JSON nested too deeply)") from None
+        d = read_json(p)  # bounded size and depth; corrupt JSON is a DiffpruneError naming the file
         return cls.from_dict(d, source=str(path))
 
     def __repr__(self):

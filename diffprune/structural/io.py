@@ -5,17 +5,27 @@ that config: every resized layer (its type and constructor arguments, e.g. Conv2
 plain width attribute of a block that changed (Downsample2D.channels, Attention.heads/inner_dim/scale, ...), and
 sub-model configs written back. Loading rebuilds the base model with empty weights, swaps in the resized layers,
 sets the attributes, then assigns the tensors from the safetensors file: every tensor must match exactly.
+
+Nothing in the JSON is trusted before it is checked (README, "Artifacts"): its size and depth are bounded; the base
+config's numbers are bounded by the weights file's own header before anything is built, and the base model is
+first built on the meta device to bound its memory; a resized layer may differ from the base layer only in its
+widths (GroupNorm groups, kernels, strides... must be the base's), and its widths must be the tensors' shapes;
+`weights` must name a file inside the model directory; and `content_sha256` (a hash over the description and the
+weights file's sha256) ties the JSON to the weights, so an edit of either is refused instead of loading a model
+that silently computes something else. Files written before the hash existed load with every check but it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from ..errors import DiffpruneError
-from ..util import atomic_write_text, output_directory
+from ..util import atomic_write_text, output_directory, read_json
 
 FORMAT = "diffprune-pruned"
 VERSION = 1
@@ -28,6 +38,13 @@ _LAYERS = {
     "GroupNorm": nn.GroupNorm, "LayerNorm": nn.LayerNorm, "Embedding": nn.Embedding,
 }
 _PLAIN = (bool, int, float, str, type(None))
+# constructor arguments pruning changes; every other argument of a resized layer must be the base layer's
+_WIDTHS = {"in_channels", "out_channels", "in_features", "out_features", "num_channels", "normalized_shape",
+           "num_embeddings", "embedding_dim"}
+_HASHED = ("format", "version", "class", "base_config", "layers", "attributes", "configs", "weights", "dtype",
+           "params", "weights_sha256")
+MAX_INT = 2 ** 31                 # no width, count or size of a real model comes near it
+MAX_EXTRA_BUFFER_BYTES = 2 ** 31  # tensors a rebuilt model computes itself (DiT positional tables), not stored
 _RUNTIME_ATTRS = {"training", "gradient_checkpointing"}  # state of a run, not of the architecture
 
 
@@ -64,7 +81,7 @@ def _build_layer(spec: dict) -> nn.Module:
         if isinstance(args.get("padding"), list):
             args["padding"] = tuple(args["padding"])
         return cls(**args)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise DiffpruneError(f"{META_FILE}: bad layer description {spec!r} ({e})") from e
 
 
@@ -77,14 +94,15 @@ def _base_config(model) -> dict:
             if not k.startswith("_")}
 
 
-def _empty_model(cls_name: str, config: dict):
+def _empty_model(cls_name: str, config: dict, meta: bool = False):
+    """A model of the base config with parameters on the meta device (buffers too with meta=True)."""
     import diffusers
     from accelerate import init_empty_weights
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.ModelMixin):
         raise DiffpruneError(f"{META_FILE}: {cls_name!r} is not a diffusers model class")
     try:
-        with init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=meta):
             return cls.from_config(config)
     except Exception as e:  # diffusers raises many kinds for a bad config
         raise DiffpruneError(f"{META_FILE}: cannot build {cls_name} from the stored base config ({e})") from e
@@ -142,7 +160,7 @@ def save_pruned(model, directory, meta: dict | None = None) -> Path:
 
     def write(d: Path):
         _atomic_save_file(tensors, d / WEIGHTS_FILE)
-        atomic_write_text(d / META_FILE, text)
+        atomic_write_text(d / META_FILE, _with_hashes(text, _file_sha256(d / WEIGHTS_FILE)))
 
     if directory.is_dir():
         write(directory)
@@ -152,6 +170,26 @@ def save_pruned(model, directory, meta: dict | None = None) -> Path:
     return directory
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _content_sha256(doc: dict) -> str:
+    canon = json.dumps({k: doc.get(k) for k in _HASHED}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _with_hashes(text: str, weights_sha256: str) -> str:
+    doc = json.loads(text)  # hashed as it will be read back (tuples become lists)
+    doc["weights_sha256"] = weights_sha256
+    doc["content_sha256"] = _content_sha256(doc)
+    return json.dumps(doc, indent=1)
+
+
 def _atomic_save_file(tensors: dict, path: Path):
     """safetensors straight to a temporary file in the same directory, renamed into place (no copy in memory)."""
     import contextlib
@@ -159,10 +197,13 @@ def _atomic_save_file(tensors: dict, path: Path):
     import tempfile
 
     from safetensors.torch import save_file
+
+    from ..util import umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -173,11 +214,9 @@ def _atomic_save_file(tensors: dict, path: Path):
 def _read_meta(directory: Path) -> dict:
     path = directory / META_FILE
     try:
-        doc = json.loads(path.read_text())
+        doc = read_json(path)
     except FileNotFoundError as e:
         raise DiffpruneError(f"{directory} is not a pruned model directory (no {META_FILE})") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DiffpruneError(f"{path} is corrupt: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise DiffpruneError(f"{path} is not a diffprune pruned-model description")
     if doc.get("version") != VERSION:
@@ -186,7 +225,95 @@ def _read_meta(directory: Path) -> dict:
                       ("configs", dict)):
         if not isinstance(doc.get(key), kind):
             raise DiffpruneError(f"{path} is corrupt: {key!r} missing or not a {kind.__name__}")
+    for key in ("weights_sha256", "content_sha256"):
+        if key in doc and not isinstance(doc[key], str):
+            raise DiffpruneError(f"{path} is corrupt: {key!r} is not a string")
     return doc
+
+
+def _weights_path(directory: Path, doc: dict) -> Path:
+    """The weights file the JSON names, confined to the model directory."""
+    name = doc.get("weights", WEIGHTS_FILE)
+    if (not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")
+            or not (directory / name).resolve().is_relative_to(directory.resolve())):
+        raise DiffpruneError(f"{directory / META_FILE}: 'weights' must name a file inside {directory}, got "
+                             f"{name!r}")
+    return directory / name
+
+
+def _read_header(path: Path) -> dict:
+    """{tensor name: shape} from the safetensors header, without reading the tensors."""
+    from safetensors import safe_open
+    if not path.is_file():
+        raise DiffpruneError(f"{path} is missing: the pruned model's weights are not there")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises several kinds for a damaged file
+        raise DiffpruneError(f"{path} is corrupt or not a safetensors file: {e}") from None
+
+
+def _check_base_config(config: dict, header: dict, path: Path):
+    """Bound every number of the base config by the weights before a model is built from it: a layer count can
+    not exceed the number of stored tensors, nor any other number four times the largest of tensors and dims."""
+    n = max(len(header), 1)
+    limit = 4 * max([n, *(d for shape in header.values() for d in shape)])
+
+    def walk(v, key):
+        bad = None
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return
+        if isinstance(v, int):
+            if abs(v) > limit or ("layers" in key and v > n):
+                bad = f"{v} is out of bounds for a model of {len(header)} tensors"
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                bad = f"{v} is not a finite number"
+        elif isinstance(v, list):
+            if len(v) > n:
+                bad = f"a list of {len(v)} entries is out of bounds for a model of {len(header)} tensors"
+            for x in v:
+                walk(x, key)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, f"{key}.{k}")
+        else:
+            bad = f"{v!r} is not a config value"
+        if bad:
+            raise DiffpruneError(f"{path}: base_config {key.lstrip('.')}: {bad}; the file is damaged")
+    walk(config, "")
+
+
+def _check_layer_spec(name: str, spec, base_module, path: Path):
+    """A resized layer: a known type, the base layer's type, sane numbers, and only its widths changed."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or not isinstance(spec.get("args"), dict):
+        raise DiffpruneError(f"{path}: bad layer description for {name}: {spec!r}")
+    if spec["type"] not in _LAYERS or type(base_module) is not _LAYERS[spec["type"]]:
+        raise DiffpruneError(f"{path}: layer {name} is a {type(base_module).__name__} in the base model, not a "
+                             f"{spec['type']}: only widths may change")
+    args = spec["args"]
+    for k, v in args.items():
+        vals = v if isinstance(v, list) else [v]
+        if not isinstance(v, (list, *_PLAIN)) or not all(isinstance(x, _PLAIN) and not isinstance(x, (list, dict))
+                                                         for x in vals) or len(vals) > 8:
+            raise DiffpruneError(f"{path}: layer {name}: {k}={v!r} is not a constructor argument value")
+        for x in vals:
+            if (isinstance(x, int) and not isinstance(x, bool) and not 0 <= x <= MAX_INT) or (
+                    isinstance(x, float) and not math.isfinite(x)):
+                raise DiffpruneError(f"{path}: layer {name}: {k}={v!r} is out of bounds")
+    base = _layer_spec(base_module)["args"]
+    if set(args) != set(base):
+        raise DiffpruneError(f"{path}: layer {name} has arguments {sorted(args)}, a {spec['type']} takes "
+                             f"{sorted(base)}")
+    fixed = {k: (args[k], base[k]) for k in args if k not in _WIDTHS and args[k] != base[k]}
+    if fixed:
+        raise DiffpruneError(f"{path}: layer {name} differs from the base model in "
+                             + ", ".join(f"{k} ({a!r}, base {b!r})" for k, (a, b) in fixed.items())
+                             + ": pruning changes only widths")
+    for k in _WIDTHS & set(args):
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                   for x in (args[k] if isinstance(args[k], list) else [args[k]])):
+            raise DiffpruneError(f"{path}: layer {name}: {k}={args[k]!r} must be positive integers")
 
 
 def _set_module(model, name: str, new: nn.Module):
@@ -198,18 +325,26 @@ def _set_module(model, name: str, new: nn.Module):
 
 
 def load_pruned(directory, dtype: torch.dtype | None = None):
-    """Rebuild a pruned model from `directory` and load its weights (bit-identical to what was saved)."""
+    """Rebuild a pruned model from `directory` and load its weights (bit-identical to what was saved). Everything
+    is checked before it is used (module docstring); any inconsistency is a DiffpruneError."""
     from accelerate import init_empty_weights
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
     directory = Path(directory)
     doc = _read_meta(directory)
+    meta_path = directory / META_FILE
+    path = _weights_path(directory, doc)
+    header = _read_header(path)
+    _check_base_config(doc["base_config"], header, meta_path)
+    # memory bounded: the base model is first built on the meta device to see what it would allocate itself
+    _check_extra_buffers(_empty_model(doc["class"], doc["base_config"], meta=True), meta_path)
     model = _empty_model(doc["class"], doc["base_config"])
+    base_heads = _attention_heads(model)
     modules = dict(model.named_modules())
     for name, spec in doc["layers"].items():
         if name not in modules:
             raise DiffpruneError(f"{META_FILE}: layer {name} does not exist in a {doc['class']}")
-        with init_empty_weights(include_buffers=False):
+        _check_layer_spec(name, spec, modules[name], meta_path)
+        with init_empty_weights(include_buffers=True):
             _set_module(model, name, _build_layer(spec))
     modules = dict(model.named_modules())
     for name, attrs in doc["attributes"].items():
@@ -220,20 +355,32 @@ def load_pruned(directory, dtype: torch.dtype | None = None):
             old = vars(m).get(k, ...)
             if k.startswith("_") or k in _RUNTIME_ATTRS or old is ... or not _plain(old) or not _plain(v):
                 raise DiffpruneError(f"{META_FILE}: {name}.{k} is not a width attribute diffprune sets")
+            if not _sane(v) or (isinstance(old, bool) != isinstance(v, bool)):
+                raise DiffpruneError(f"{META_FILE}: {name}.{k}={v!r} is out of bounds")
             setattr(m, k, tuple(v) if isinstance(old, tuple) and isinstance(v, list) else v)
     for name, cfg in doc["configs"].items():
         m = modules.get(name)
         if m is None or not hasattr(m, "register_to_config") or not isinstance(cfg, dict):
             raise DiffpruneError(f"{META_FILE}: config for unknown sub-model {name}")
+        if not all(_plain(v) and _sane(v) for v in cfg.values()):
+            raise DiffpruneError(f"{META_FILE}: config of {name} holds values out of bounds")
         m.register_to_config(**cfg)
-    path = directory / doc.get("weights", WEIGHTS_FILE)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_match(expected, header, directory)
+    _check_attention(model, base_heads, meta_path)
+    if "content_sha256" in doc:  # tied to the weights: checked once the description itself is known sane
+        if doc["content_sha256"] != _content_sha256(doc):
+            raise DiffpruneError(f"{meta_path} was edited after it was written (its content hash does not match); "
+                                 f"re-save the pruned model")
+        if doc.get("weights_sha256") != _file_sha256(path):
+            raise DiffpruneError(f"{path} is not the weights {META_FILE} was written with (sha256 mismatch): "
+                                 f"the file was changed or replaced; re-save the pruned model")
     try:
         tensors = load_file(str(path))
     except FileNotFoundError as e:
         raise DiffpruneError(f"{path} is missing: the pruned model's weights are not there") from e
-    except (SafetensorError, OSError, ValueError) as e:
+    except Exception as e:  # SafetensorError, OSError, ValueError...
         raise DiffpruneError(f"{path} is corrupt or not a safetensors file: {e}") from e
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_match(expected, {k: tuple(v.shape) for k, v in tensors.items()}, directory)
     model.load_state_dict(tensors, strict=True, assign=True)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -244,6 +391,52 @@ def load_pruned(directory, dtype: torch.dtype | None = None):
     if target is not None and any(t.dtype != target for t in model.state_dict().values() if t.is_floating_point()):
         nn.Module.to(model, target)  # (diffusers' own .to() warns about fp32-pinned modules we do not have)
     return model.eval()
+
+
+def _attention_heads(model) -> dict:
+    """{name: (heads, head dim, scale follows the head dim)} of every diffusers Attention of the base model."""
+    out = {}
+    for name, m in model.named_modules():
+        if type(m).__name__ == "Attention" and isinstance(getattr(m, "to_q", None), nn.Linear):
+            dim = m.inner_dim // m.heads
+            out[name] = (m.heads, dim, math.isclose(m.scale, dim ** -0.5, rel_tol=1e-6))
+    return out
+
+
+def _check_attention(model, base: dict, path: Path):
+    """An attention block's width attributes must agree with its layers, which the forward pass trusts: pruning
+    keeps either the heads (each one narrower) or the head dim (fewer heads), and the scale follows the head dim."""
+    modules = dict(model.named_modules())
+    for name, (heads0, dim0, scaled) in base.items():
+        m = modules[name]
+        q, k, o = m.to_q, m.to_k, m.to_out[0] if isinstance(getattr(m, "to_out", None), nn.ModuleList) else None
+        heads, inner = m.heads, m.inner_dim
+        ok = (isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 and inner == q.out_features
+              and inner % heads == 0 and (heads == heads0 or inner // heads == dim0)
+              and m.query_dim == q.in_features and (o is None or m.out_dim == o.out_features)
+              and (k is None or (getattr(m, "inner_kv_dim", k.out_features) == k.out_features
+                                 and k.out_features % heads == 0))
+              and isinstance(m.scale, float) and math.isfinite(m.scale) and m.scale > 0
+              and (not scaled or math.isclose(m.scale, (inner // heads) ** -0.5, rel_tol=1e-6)))
+        if not ok:
+            raise DiffpruneError(f"{path}: attention {name}: heads {heads}, inner_dim {inner}, scale {m.scale} do not "
+                                 f"agree with its layers; the file is damaged")
+
+
+def _sane(v) -> bool:
+    vals = v if isinstance(v, list) else [v]
+    return len(vals) <= 64 and all(
+        not (isinstance(x, int) and not isinstance(x, bool) and abs(x) > MAX_INT)
+        and not (isinstance(x, float) and not math.isfinite(x)) for x in vals)
+
+
+def _check_extra_buffers(meta_model, path: Path):
+    """Tensors the model computes itself on construction (not stored) must stay within a bound."""
+    stored = set(meta_model.state_dict())
+    extra = sum(b.numel() * b.element_size() for n, b in meta_model.named_buffers() if n not in stored)
+    if extra > MAX_EXTRA_BUFFER_BYTES:
+        raise DiffpruneError(f"{path}: the base config would make the model compute {extra / 2 ** 30:.1f} GiB of "
+                             f"tables on construction; the file is damaged")
 
 
 def _check_match(expected: dict, found: dict, directory):

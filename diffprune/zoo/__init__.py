@@ -3,14 +3,13 @@ speed; nothing is downloaded), and the reference models this project trains and 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from ..errors import DiffpruneError
-from ..util import own_storage
+from ..util import own_storage, read_json
 from .configs import CONFIGS
 from .pipelines import PIPELINES
 
@@ -90,10 +89,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
         raise DiffpruneError(
             f"{path} is not a diffusers model or pipeline directory (no config.json or model_index.json)")
     try:
-        cls_name = json.loads(cfg_file.read_text())["_class_name"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise DiffpruneError(f"{cfg_file}: not a diffusers config ({e})") from e
-    cls = getattr(diffusers, cls_name, None)
+        cls_name = read_json(cfg_file)["_class_name"]
+    except (KeyError, TypeError, DiffpruneError) as e:
+        raise DiffpruneError(f"{cfg_file}: not a diffusers config ({e})") from None
+    cls = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) else None
     if cls is None:
         raise DiffpruneError(f"{cfg_file}: unknown diffusers class {cls_name!r}")
     try:
