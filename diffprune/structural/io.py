@@ -5,6 +5,9 @@ that config: every resized layer (its type and constructor arguments, e.g. Conv2
 plain width attribute of a block that changed (Downsample2D.channels, Attention.heads/inner_dim/scale, ...), and
 sub-model configs written back. Loading rebuilds the base model with empty weights, swaps in the resized layers,
 sets the attributes, then assigns the tensors from the safetensors file: every tensor must match exactly.
+A depth-pruned model also lists its removed units (module name -> the hidden width a removed up-block resnet passes
+on, or null): they are rebuilt as depth.Skipped, and only modules that are units of the model may be named there
+(format version 2; version 1 files, with no removed units, still load).
 """
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ import torch.nn as nn
 
 from ..errors import DiffpruneError
 from ..util import atomic_write_text, output_directory
+from . import depth
 
 FORMAT = "diffprune-pruned"
-VERSION = 1
+VERSION = 2          # written when units were removed; width-only models are still written as version 1
+VERSIONS = (1, 2)
 META_FILE = "diffprune_pruned.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -95,8 +100,11 @@ def describe(model) -> dict:
     base = _empty_model(type(model).__name__, _base_config(model))
     base_modules = dict(base.named_modules())
     layers, attributes, configs = {}, {}, {}
+    removed = depth.removed_modules(model)
     for name, m in model.named_modules():
         b = base_modules.get(name)
+        if name in removed:
+            continue
         if b is None or type(b) is not type(m):
             raise DiffpruneError(f"module {name or '<root>'} ({type(m).__name__}) does not exist in a fresh "
                                  f"{type(model).__name__}: only widths may change, not the structure")
@@ -117,7 +125,8 @@ def describe(model) -> dict:
                     if not k.startswith("_") and v != dict(b.config).get(k)}
             if diff:
                 configs[name] = diff
-    return {"layers": layers, "attributes": attributes, "configs": configs}
+    return {"layers": layers, "attributes": attributes, "configs": configs,
+            **({"removed_units": removed} if removed else {})}
 
 
 def save_pruned(model, directory, meta: dict | None = None) -> Path:
@@ -134,7 +143,7 @@ def save_pruned(model, directory, meta: dict | None = None) -> Path:
         seen.add(v.data_ptr())
         tensors[k] = v
     dtype = next(model.parameters()).dtype
-    doc = {"format": FORMAT, "version": VERSION, "class": type(model).__name__,
+    doc = {"format": FORMAT, "version": VERSION if "removed_units" in desc else 1, "class": type(model).__name__,
            "base_config": _base_config(model), **desc, "weights": WEIGHTS_FILE,
            "dtype": str(dtype).replace("torch.", ""), "params": sum(p.numel() for p in model.parameters()),
            "meta": meta or {}}
@@ -180,13 +189,33 @@ def _read_meta(directory: Path) -> dict:
         raise DiffpruneError(f"{path} is corrupt: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise DiffpruneError(f"{path} is not a diffprune pruned-model description")
-    if doc.get("version") != VERSION:
-        raise DiffpruneError(f"{path} has format version {doc.get('version')}; this diffprune reads {VERSION}")
+    if doc.get("version") not in VERSIONS:
+        raise DiffpruneError(f"{path} has format version {doc.get('version')}; this diffprune reads "
+                             f"{' and '.join(map(str, VERSIONS))}")
     for key, kind in (("class", str), ("base_config", dict), ("layers", dict), ("attributes", dict),
                       ("configs", dict)):
         if not isinstance(doc.get(key), kind):
             raise DiffpruneError(f"{path} is corrupt: {key!r} missing or not a {kind.__name__}")
+    if not isinstance(doc.get("removed_units", {}), dict):
+        raise DiffpruneError(f"{path} is corrupt: 'removed_units' is not a dict")
     return doc
+
+
+def _remove_units(model, removed: dict):
+    """Replace the named units' modules by depth.Skipped, refusing anything that is not a removable unit."""
+    from ..models import get_adapter
+    adapter = get_adapter(model)
+    units = set(adapter.unit_names(model, "fine")) | set(adapter.unit_names(model, "coarse"))
+    modules = dict(model.named_modules())
+    for name, channels in removed.items():
+        m = modules.get(name)
+        if name not in units or m is None or type(m).__name__ not in depth.REMOVABLE_CLASSES:
+            raise DiffpruneError(f"{META_FILE}: removed unit {name!r} is not a resnet, attention, mid block or "
+                                 f"transformer block of a {type(model).__name__}")
+        if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+            raise DiffpruneError(f"{META_FILE}: removed unit {name!r} has channels {channels!r}, not a positive "
+                                 f"integer or null")
+        depth.set_module(model, name, depth.Skipped(channels))
 
 
 def _set_module(model, name: str, new: nn.Module):
@@ -205,6 +234,7 @@ def load_pruned(directory, dtype: torch.dtype | None = None):
     directory = Path(directory)
     doc = _read_meta(directory)
     model = _empty_model(doc["class"], doc["base_config"])
+    _remove_units(model, doc.get("removed_units", {}))
     modules = dict(model.named_modules())
     for name, spec in doc["layers"].items():
         if name not in modules:
