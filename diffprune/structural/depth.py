@@ -227,8 +227,8 @@ def static_scores(model, units: list[DepthUnit], criterion: str, norm: int = 2, 
     return scores
 
 
-def choose_units(units: list[DepthUnit], ratio: float) -> list[DepthUnit]:
-    """The round(ratio * removable) lowest-scoring removable units; refuses to empty a level."""
+def units_due(units: list[DepthUnit], ratio: float) -> int:
+    """How many units a depth ratio removes: round(ratio * removable), at least one."""
     removable = [u for u in units if u.removable]
     if not removable:
         raise DiffpruneError("this model has no unit that can be removed whole (every one changes its width); "
@@ -237,6 +237,13 @@ def choose_units(units: list[DepthUnit], ratio: float) -> list[DepthUnit]:
     if n == 0:
         raise DiffpruneError(f"depth ratio {ratio:g} removes none of the {len(removable)} removable units; "
                              f"use a ratio of at least {0.5 / len(removable):.3f}")
+    return n
+
+
+def choose_units(units: list[DepthUnit], ratio: float) -> list[DepthUnit]:
+    """The round(ratio * removable) lowest-scoring removable units; refuses to empty a level."""
+    removable = [u for u in units if u.removable]
+    n = units_due(units, ratio)
     order = sorted(range(len(removable)), key=lambda i: (removable[i].score, i))
     chosen = {removable[i].name for i in order[:n]}
     for level in dict.fromkeys(u.level for u in units):

@@ -324,7 +324,7 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
                       macs_input_shape=list(x.shape))
         if mode != "width":
             units = depth.depth_units(model)
-            depth.choose_units([dataclasses.replace(u, score=0.0) for u in units], depth_ratio)  # fail early
+            depth.units_due(units, depth_ratio)  # fail before the walk (which units go depends on the scores)
             per_module = macs_by_module(model, adapter, x, t_, cond)
             for u in units:
                 u.macs = int(sum(n for k, n in per_module.items()
