@@ -16,7 +16,7 @@
 # CPU smoke test of the whole script (tiny steps; seconds per stage):
 #   PYTHON=.venv/bin/python DEVICE=cpu PRUNE_EXTRA="--criterion magnitude" STEPS_UNET=2 STEPS_DIT=2 N=8 CALIB="--batch 4" LAT_BATCHES=1 \
 #     EXTRA="--limit 64 --batch-size 8 --no-grid" EVAL_EXTRA="--steps 2" BENCH_EXTRA="--steps 2 --repeats 1 \
-#     --call-repeats 1 --warmup 0" OUT=/tmp/sd RUNS=/tmp/sd-runs bash bench/gpu_structural_depth.sh
+#     --call-repeats 1 --warmup 0" LAT_TIMEOUT=600 OUT=/tmp/sd RUNS=/tmp/sd-runs bash bench/gpu_structural_depth.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}; . bench/gpu_env.sh
@@ -27,7 +27,7 @@ WR_UNET=${WR_UNET:-0.25}; WR_DIT=${WR_DIT:-0.45}; WR_BOTH_UNET=${WR_BOTH_UNET:-0
 TARGET_UNET=${TARGET_UNET:-0.553}; TARGET_DIT=${TARGET_DIT:-0.552}   # the width runs' kept MACs
 LAT_BATCHES=${LAT_BATCHES:-1 8}; LAT_MODE=${LAT_MODE:-graph}; [ "$DEVICE" = cpu ] && LAT_MODE=eager
 BENCH_EXTRA=${BENCH_EXTRA:---steps 50 --repeats 5}
-DEADLINE=${DEADLINE:-570}; LAT_AT=${LAT_AT:-470}
+DEADLINE=${DEADLINE:-570}; LAT_AT=${LAT_AT:-470}; LAT_TIMEOUT=${LAT_TIMEOUT:-60}
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
 chain() {  # MODEL VARIANT: prune (to the MACs target) -> fine-tune -> eval, each step skipped once done
@@ -71,7 +71,7 @@ if [ -z "$(jobs -r)" ]; then
       for b in $LAT_BATCHES; do
         j=$RUNS/$m/latency-$v-b$b.json; [ -f "$j" ] && continue
         # shellcheck disable=SC2086
-        timeout 60 "$PY" -m diffprune bench "$src" --device "$DEVICE" --dtype fp32 --cfg --guidance 2 --batch "$b" \
+        timeout "$LAT_TIMEOUT" "$PY" -m diffprune bench "$src" --device "$DEVICE" --dtype fp32 --cfg --guidance 2 --batch "$b" \
           --mode "$LAT_MODE" $BENCH_EXTRA --json "$j" > "$RUNS/$m/latency-$v-b$b.log" 2>&1
       done
       el "latency $m $v"
