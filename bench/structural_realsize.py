@@ -66,17 +66,26 @@ def macs_both(model) -> dict:
 
 
 def prune_width(dense, target: float, dense_macs: int, search: int, widths: str):
-    """Width-prune a copy of `dense` so that about `target` of its FLOPs that run remain."""
-    r = min(max(1 - math.sqrt(target), 0.02), 0.9)  # most MACs scale with (1 - r)^2
+    """Width-prune a copy of `dense` so that about `target` of its FLOPs that run remain. Model of the kept share:
+    c + (1 - c) (1 - r)^a, with a = 2 for UNets (convolutions lose inputs and outputs) and 1 for DiT (only the
+    hidden side of each layer shrinks), c the share that does not shrink (a first guess from SD-1.5: 0.25; DiT:
+    0), refitted after each prune."""
+    a = 1 if get_adapter(dense).family == "dit" else 2
+    c = 0.0 if a == 1 else 0.25
+
+    def ratio_for(c):
+        return min(max(1 - (max(target - c, 0.01) / (1 - c)) ** (1 / a), 0.02), 0.9)
+
+    r = ratio_for(c)
     tries = []
     for step in range(search):
         model, report = prune(copy.deepcopy(dense), r, "magnitude", widths=widths, progress=False)
         kept = macs_both(model)["macs"] / dense_macs
         tries.append((abs(kept - target), r, model, report))
-        q = (1 - r) ** 2
-        if step + 1 < search and q < 1:  # kept = c + (1 - c) q: c, the share that does not shrink (DiT's stream)
+        q = (1 - r) ** a
+        if step + 1 < search and q < 1:
             c = min(max((kept - q) / (1 - q), 0.0), 0.99)
-            r = min(max(1 - math.sqrt(max(target - c, 0.01) / (1 - c)), 0.02), 0.9)
+            r = ratio_for(c)
     tries.sort(key=lambda x: x[0])
     _, r, model, report = tries[0]
     return model, r, {"rounded": report.get("rounded", []), "notes": report["notes"], "tries": len(tries)}
