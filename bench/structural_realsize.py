@@ -8,7 +8,8 @@ MACs are counted two ways, both recorded and labelled: "FLOPs that run" (every l
 score/value products: build_graph(include_attention=True)) and the torch-pruning convention (layers only, no
 attention products). The pruning ratio is searched so the kept fraction of the FLOPs that run is near each target:
 width ratio by one analytic guess and one secant step (--search 2), depth by the exact unit count (unit MACs are
-additive). Pruning uses the magnitude criterion (no data: random weights).
+additive). Width pruning uses the magnitude criterion (no data: random weights), depth a seeded random order
+(see depth_plan).
 
 Writes OUT/structural_realsize/<stem>.json (one row per model variant, its timings added as they finish) and
 <stem>.md after every measurement. OUT defaults to $OUT or bench/results.
@@ -92,9 +93,12 @@ def prune_width(dense, target: float, dense_macs: int, search: int, widths: str)
 
 
 def depth_plan(dense) -> tuple[list, dict]:
-    """Removable units sorted by magnitude score, and each unit's FLOPs that run (batch 1)."""
+    """Removable units with the scores prune(..., "random", seed=0) gives them, and each unit's FLOPs that run
+    (batch 1). Random, not magnitude: with random weights the widest layers have the smallest weights (init scales
+    with 1/sqrt(fan-in)), so magnitude would remove the low-resolution units first and nothing else (SD-1.5: five
+    units, 3% of the FLOPs, before the bottom level would be emptied)."""
     units = sdepth.depth_units(dense)
-    scores = sdepth.static_scores(dense, units, "magnitude")
+    scores = sdepth.static_scores(dense, units, "random", seed=0)
     for u in units:
         u.score = scores.get(u.name)
     per_module = macs_by_module(dense)
@@ -120,7 +124,7 @@ def prune_depth(dense, target: float, dense_macs: int, plan):
     if best is None:
         raise DiffpruneError("no depth ratio is valid for this model")
     ratio = (best[0] - 0.25) / len(removable)  # rounds to best[0] units (choose_units: round(ratio * N))
-    model, report = prune(copy.deepcopy(dense), ratio, "magnitude", mode="depth", progress=False)
+    model, report = prune(copy.deepcopy(dense), ratio, "random", mode="depth", seed=0, progress=False)
     return model, ratio, {"removed": report["depth"]["removed"], "removable": len(removable)}
 
 
