@@ -100,8 +100,12 @@ for m in ("fmnist-unet", "fmnist-dit"):
             b = f.rsplit("-b", 1)[1][:-5]
             for r in (load(f) or {}).get("results", []):
                 lat[f"b{b}_{r['what']}_ms"] = r.get("median_ms")
+        if v == "dense":
+            from diffprune import zoo
+            from diffprune.models import count_params
+            p = {"params_after": count_params(zoo.build(m)), "macs_after": 1, "macs_before": 1}
         row = {"model": m, "variant": v, "params": p.get("params_after"),
-               "macs_kept": p["macs_after"] / p["macs_before"] if p else (1.0 if v == "dense" else None),
+               "macs_kept": p["macs_after"] / p["macs_before"] if p else None,
                "removed": (p.get("depth") or {}).get("removed", []), "ft_steps": t.get("step"),
                "ft_finished": t.get("finished"), "eval": e, **lat}
         rows.append(row)
