@@ -5,8 +5,8 @@
 # so a part cut short still leaves its finished rows. Carry .carry (bench/pack_carry.sh):
 #   bash bench/gpu_structural_realsize.sh            # -> $OUT/structural_realsize/realsize_{sd15_dit,sdxl}.{json,md}
 # DTYPE=bf16 for bf16. CPU smoke test (tiny models, eager):
-#   PYTHON=.venv/bin/python DEVICE=cpu MODELS_A=tiny-sd MODELS_B=tiny-dit ARGS="--batches 1 --modes eager \
-#     --dtype fp32 --repeats 1 --search 1" OUT=/tmp/rs bash bench/gpu_structural_realsize.sh
+#   PYTHON=.venv/bin/python DEVICE=cpu DTYPE=fp32 MODELS_A=tiny-sd MODELS_B=tiny-dit ARGS="--batches 1 --modes eager \
+#     --repeats 1 --search 1 --targets 0.6" OUT=/tmp/rs bash bench/gpu_structural_realsize.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}; . bench/gpu_env.sh
