@@ -3,7 +3,8 @@
 # SD-1.5 and DiT-XL/2, then SDXL: dense, width (GPU-shaped widths) and depth at ~30% and ~50% fewer FLOPs that run,
 # batch 1, 8 and 32 with CFG, fp16, CUDA graphs. Each part has its own time limit; rows are written as they finish,
 # so a part cut short still leaves its finished rows. Carry .carry (bench/pack_carry.sh):
-#   bash bench/gpu_structural_realsize.sh            # -> $OUT/structural_realsize/realsize_{sd15_dit,sdxl}.{json,md}
+#   bash bench/gpu_structural_realsize.sh            # -> $OUT/structural_realsize/realsize_{a,b}_fp16.{json,md}
+#   MODELS_B= bash bench/gpu_structural_realsize.sh  # SD-1.5 and DiT-XL/2 only (~4 min)
 # DTYPE=bf16 for bf16. CPU smoke test (tiny models, eager):
 #   PYTHON=.venv/bin/python DEVICE=cpu DTYPE=fp32 MODELS_A=tiny-sd MODELS_B=tiny-dit ARGS="--batches 1 --modes eager \
 #     --repeats 1 --search 1 --targets 0.6" OUT=/tmp/rs bash bench/gpu_structural_realsize.sh
@@ -17,8 +18,8 @@ MODELS_A=${MODELS_A:-sd15,dit-xl-2}; MODELS_B=${MODELS_B:-sdxl}
 # shellcheck disable=SC2086
 timeout "${A_S:-300}" "$PY" bench/structural_realsize.py --device "$DEVICE" --dtype "$DTYPE" --models "$MODELS_A" \
   --stem "realsize_a_$DTYPE" $ARGS
-# SDXL: one width prune per target (each is a minute of tracing)
+# SDXL: one width prune per target (each is a minute of tracing); MODELS_B= skips it
 # shellcheck disable=SC2086
-timeout "${B_S:-270}" "$PY" bench/structural_realsize.py --device "$DEVICE" --dtype "$DTYPE" --models "$MODELS_B" \
+[ -n "$MODELS_B" ] && timeout "${B_S:-270}" "$PY" bench/structural_realsize.py --device "$DEVICE" --dtype "$DTYPE" --models "$MODELS_B" \
   --search 1 --repeats 10,5,3 --stem "realsize_b_$DTYPE" $ARGS
 cat "$OUT"/structural_realsize/realsize_*_"$DTYPE".md 2>/dev/null
