@@ -35,6 +35,7 @@ DEVICE=${DEVICE:-cuda}
 CALIB=${CALIB:-}
 EXTRA=${EXTRA:-}
 PRUNE_ARGS=${PRUNE_ARGS:-}   # e.g. "--rule tp" (the paper rule cannot reach ~44% fewer MACs on fmnist-unet)
+WIDTHS=${WIDTHS:-exact}      # the paper's widths, also on a GPU (where `diffprune prune` rounds by default)
 . bench/gpu_env.sh   # DATA, carried wheels, PYTHONPATH
 mkdir -p "$OUT" "$RUNS"
 
@@ -44,7 +45,7 @@ for c in $CRITERIA; do
   if [ ! -d "$p" ]; then
     # shellcheck disable=SC2086
     "$PY" -m diffprune prune "$MODEL" --ratio "$RATIO" --criterion "$c" --threshold "$THRESHOLD" \
-      --data-dir "$DATA" --device "$DEVICE" --quiet $CALIB $PRUNE_ARGS --out "$p" >> "$log" 2>&1 || { status=1; continue; }
+      --data-dir "$DATA" --device "$DEVICE" --widths "$WIDTHS" --quiet $CALIB $PRUNE_ARGS --out "$p" >> "$log" 2>&1 || { status=1; continue; }
   fi
   if ! "$PY" -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))['finished'] else 1)" \
        "$ft/train_state.json" 2>/dev/null; then

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def add_parser(sub):
-    from ..structural import CRITERIA, HEAD_MODES, REDUCTIONS, RULES
+    from ..structural import CRITERIA, HEAD_MODES, MODES, REDUCTIONS, RULES, WIDTHS
     from ..structural.calibration import SOURCES
     p = sub.add_parser(
         "prune", help="remove channels/heads (Diff-Pruning and baselines) and write a pruned model",
@@ -17,7 +17,18 @@ def add_parser(sub):
                     "groups, timesteps used), and timestep_loss.png for the gradient criteria. Fine-tune the result "
                     "with `diffprune finetune OUT`.")
     p.add_argument("model", help="zoo name or local diffusers model/pipeline directory")
-    p.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove per group, in (0, 1)")
+    p.add_argument("--ratio", type=float, required=True,
+                   help="fraction to remove, in (0, 1): of the channels of every group (--mode width, both), or of "
+                        "the removable units (--mode depth)")
+    p.add_argument("--mode", default="width", choices=MODES,
+                   help="width: channels, head dims, MLP units (default); depth: whole units (UNet resnet/attention "
+                        "pairs and mid block, transformer blocks), lowest importance first; both: width by --ratio, "
+                        "then depth by --depth-ratio (one timestep walk scores both)")
+    p.add_argument("--depth-ratio", type=float, help="--mode both: fraction of the removable units to remove")
+    p.add_argument("--widths", default="auto", choices=WIDTHS,
+                   help="gpu: round kept widths to GPU matrix-unit shapes (channels/MLP multiples of 64, head dims "
+                        "multiples of 16); exact: the ratio's widths (the paper's architecture); auto: gpu with "
+                        "--device cuda, exact otherwise (default)")
     p.add_argument("--criterion", default="diff-pruning", metavar="{" + ",".join(CRITERIA) + "}",
                    help="diff-pruning: Taylor over the informative timesteps (default); taylor: all timesteps; "
                         "magnitude: weight norm (--norm); random; reinit: random then fresh weights (scratch)")
@@ -35,7 +46,7 @@ def add_parser(sub):
                    help="multi-head attention: shrink every head's dim alike (default) or remove whole heads")
     p.add_argument("--width-multiple", type=int, default=1, metavar="N",
                    help="round every width pruning keeps (each head's dim, MLP hidden units, channels without "
-                        "GroupNorm) to a multiple of N; 8 suits GPU matrix kernels (default 1: the plain ratio)")
+                        "GroupNorm) to a multiple of N instead of --widths; a layer narrower than N is refused")
     p.add_argument("--data", default="auto", choices=SOURCES,
                    help="calibration batch: Fashion-MNIST for 1x32x32 pixel models, synthetic otherwise (auto)")
     p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
@@ -63,8 +74,19 @@ def run(args):
 
     # ---- cheap checks first, before anything is loaded ----
     ratio(args.ratio)
+    if args.mode == "both":
+        if args.depth_ratio is None:
+            raise DiffpruneError("--mode both needs --depth-ratio (the fraction of removable units to remove)")
+        ratio(args.depth_ratio)
+    elif args.depth_ratio is not None:
+        raise DiffpruneError("--depth-ratio is for --mode both; with --mode depth, --ratio is the depth ratio")
     check_threshold(args.threshold)
     check_criterion(args.criterion, args.reduction, args.norm)
+    if args.mode != "width":
+        from ..structural.depth import DEPTH_CRITERIA
+        if args.criterion not in DEPTH_CRITERIA:
+            raise DiffpruneError(f"criterion {args.criterion!r} has no depth version; --mode {args.mode} takes "
+                                 f"{', '.join(DEPTH_CRITERIA)}")
     if args.batch is not None:
         positive_int(args.batch, "--batch")
     from ._common import claim
@@ -79,9 +101,9 @@ def run(args):
               file=sys.stderr)
     torch.nn.Module.to(model, args.device, torch.float32)  # scores and pruned weights in full precision
     _announce_walk(args, model, scheduler_config)
-    model, report = prune(model, args.ratio, args.criterion, args.threshold, args.data, rule=args.rule,
-                          reduction=args.reduction, norm=args.norm, heads=args.heads,
-                          width_multiple=args.width_multiple, seed=args.seed,
+    model, report = prune(model, args.ratio, args.criterion, args.threshold, args.data, mode=args.mode,
+                          depth_ratio=args.depth_ratio, rule=args.rule, reduction=args.reduction, norm=args.norm,
+                          heads=args.heads, widths=args.widths, width_multiple=args.width_multiple, seed=args.seed,
                           batch=args.batch, data_dir=args.data_dir, scheduler_config=scheduler_config,
                           progress=not args.quiet)
     source = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # a teacher for --distill
@@ -130,7 +152,9 @@ def _summary(r: dict, out: Path, told: bool = False):
     elif "norm" in r:
         how += f" ({r['norm']})"
     shape = "x".join(map(str, r["macs_input_shape"]))
-    print(f"pruned {r['source']} ({r['class']}) by {r['ratio']:g} with {how}, {r['rule']} channel rule")
+    what = {"width": f"{r['rule']} channel rule", "depth": "whole units",
+            "both": f"{r['rule']} channel rule, then whole units by {r.get('depth_ratio', 0):g}"}[r.get("mode", "width")]
+    print(f"pruned {r['source']} ({r['class']}) by {r['ratio']:g} with {how}, {what}")
     print(f"params {r['params_before'] / 1e6:.4f}M -> {r['params_after'] / 1e6:.4f}M; "
           f"MACs {r['macs_before'] / 1e9:.4f}G -> {r['macs_after'] / 1e9:.4f}G (input {shape})")
     if not told:  # already printed as they happened (pruning tells them unless --quiet)

@@ -13,6 +13,10 @@ widths (GroupNorm groups, kernels, strides... must be the base's), and its width
 `weights` must name a file inside the model directory; and `content_sha256` (a hash over the description and the
 weights file's sha256) ties the JSON to the weights, so an edit of either is refused instead of loading a model
 that silently computes something else. Files written before the hash existed load with every check but it.
+
+A depth-pruned model also lists its removed units (module name -> the hidden width a removed up-block resnet passes
+on, or null): they are rebuilt as depth.Skipped, and only modules that are units of the model may be named there
+(format version 2; version 1 files, with no removed units, still load).
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ import torch.nn as nn
 
 from ..errors import DiffpruneError
 from ..util import atomic_write_text, output_directory, read_json
+from . import depth
 
 FORMAT = "diffprune-pruned"
-VERSION = 1
+VERSION = 2          # written when units were removed; width-only models are still written as version 1
+VERSIONS = (1, 2)
 META_FILE = "diffprune_pruned.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -113,8 +119,11 @@ def describe(model) -> dict:
     base = _empty_model(type(model).__name__, _base_config(model))
     base_modules = dict(base.named_modules())
     layers, attributes, configs = {}, {}, {}
+    removed = depth.removed_modules(model)
     for name, m in model.named_modules():
         b = base_modules.get(name)
+        if name in removed:
+            continue
         if b is None or type(b) is not type(m):
             raise DiffpruneError(f"module {name or '<root>'} ({type(m).__name__}) does not exist in a fresh "
                                  f"{type(model).__name__}: only widths may change, not the structure")
@@ -135,7 +144,8 @@ def describe(model) -> dict:
                     if not k.startswith("_") and v != dict(b.config).get(k)}
             if diff:
                 configs[name] = diff
-    return {"layers": layers, "attributes": attributes, "configs": configs}
+    return {"layers": layers, "attributes": attributes, "configs": configs,
+            **({"removed_units": removed} if removed else {})}
 
 
 def save_pruned(model, directory, meta: dict | None = None) -> Path:
@@ -152,7 +162,7 @@ def save_pruned(model, directory, meta: dict | None = None) -> Path:
         seen.add(v.data_ptr())
         tensors[k] = v
     dtype = next(model.parameters()).dtype
-    doc = {"format": FORMAT, "version": VERSION, "class": type(model).__name__,
+    doc = {"format": FORMAT, "version": VERSION if "removed_units" in desc else 1, "class": type(model).__name__,
            "base_config": _base_config(model), **desc, "weights": WEIGHTS_FILE,
            "dtype": str(dtype).replace("torch.", ""), "params": sum(p.numel() for p in model.parameters()),
            "meta": meta or {}}
@@ -179,7 +189,10 @@ def _file_sha256(path: Path) -> str:
 
 
 def _content_sha256(doc: dict) -> str:
-    canon = json.dumps({k: doc.get(k) for k in _HASHED}, sort_keys=True, separators=(",", ":"))
+    fields = {k: doc.get(k) for k in _HASHED}
+    if "removed_units" in doc:  # depth-pruned models (version 2); width-only files hash as before
+        fields["removed_units"] = doc["removed_units"]
+    canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
@@ -219,8 +232,9 @@ def _read_meta(directory: Path) -> dict:
         raise DiffpruneError(f"{directory} is not a pruned model directory (no {META_FILE})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise DiffpruneError(f"{path} is not a diffprune pruned-model description")
-    if doc.get("version") != VERSION:
-        raise DiffpruneError(f"{path} has format version {doc.get('version')}; this diffprune reads {VERSION}")
+    if doc.get("version") not in VERSIONS:
+        raise DiffpruneError(f"{path} has format version {doc.get('version')}; this diffprune reads "
+                             f"{' and '.join(map(str, VERSIONS))}")
     for key, kind in (("class", str), ("base_config", dict), ("layers", dict), ("attributes", dict),
                       ("configs", dict)):
         if not isinstance(doc.get(key), kind):
@@ -228,6 +242,8 @@ def _read_meta(directory: Path) -> dict:
     for key in ("weights_sha256", "content_sha256"):
         if key in doc and not isinstance(doc[key], str):
             raise DiffpruneError(f"{path} is corrupt: {key!r} is not a string")
+    if not isinstance(doc.get("removed_units", {}), dict):
+        raise DiffpruneError(f"{path} is corrupt: 'removed_units' is not a dict")
     return doc
 
 
@@ -316,6 +332,23 @@ def _check_layer_spec(name: str, spec, base_module, path: Path):
             raise DiffpruneError(f"{path}: layer {name}: {k}={args[k]!r} must be positive integers")
 
 
+def _remove_units(model, removed: dict):
+    """Replace the named units' modules by depth.Skipped, refusing anything that is not a removable unit."""
+    from ..models import get_adapter
+    adapter = get_adapter(model)
+    units = set(adapter.unit_names(model, "fine")) | set(adapter.unit_names(model, "coarse"))
+    modules = dict(model.named_modules())
+    for name, channels in removed.items():
+        m = modules.get(name)
+        if name not in units or m is None or type(m).__name__ not in depth.REMOVABLE_CLASSES:
+            raise DiffpruneError(f"{META_FILE}: removed unit {name!r} is not a resnet, attention, mid block or "
+                                 f"transformer block of a {type(model).__name__}")
+        if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+            raise DiffpruneError(f"{META_FILE}: removed unit {name!r} has channels {channels!r}, not a positive "
+                                 f"integer or null")
+        depth.set_module(model, name, depth.Skipped(channels))
+
+
 def _set_module(model, name: str, new: nn.Module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -338,6 +371,7 @@ def load_pruned(directory, dtype: torch.dtype | None = None):
     # memory bounded: the base model is first built on the meta device to see what it would allocate itself
     _check_extra_buffers(_empty_model(doc["class"], doc["base_config"], meta=True), meta_path)
     model = _empty_model(doc["class"], doc["base_config"])
+    _remove_units(model, doc.get("removed_units", {}))
     base_heads = _attention_heads(model)
     modules = dict(model.named_modules())
     for name, spec in doc["layers"].items():

@@ -22,6 +22,7 @@ embeddings and adaLN chunks.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -34,7 +35,7 @@ from ..errors import DiffpruneError
 from ..metrics.macs import count_macs_by_module
 from ..models import count_params, get_adapter
 from ..util import ratio as check_ratio
-from . import fixups
+from . import depth, fixups
 from .calibration import CalibrationBatch, calibration_batch
 from .importance import GRADIENT_CRITERIA, check_criterion, group_scores
 from .timesteps import accumulate_gradients, alphas_cumprod_for, check_threshold
@@ -42,6 +43,10 @@ from .timesteps import accumulate_gradients, alphas_cumprod_for, check_threshold
 SUPPORTED_FAMILIES = ("unet2d", "unet2d-condition", "dit")
 RULES = ("paper", "tp")
 HEAD_MODES = ("dims", "whole")
+MODES = ("width", "depth", "both")
+WIDTHS = ("auto", "gpu", "exact")
+GPU_CHANNEL_MULTIPLE = 64   # tensor-core tiles: channels and MLP widths
+GPU_HEAD_MULTIPLE = 16      # attention head dims (flash/SDPA kernels pad head dims to 8/16)
 _TRANSFORMER_KINDS = ("attention", "mlp", "time-mlp")   # what a DiT may lose
 
 
@@ -98,6 +103,71 @@ def choose_heads(scores: torch.Tensor, ratio: float, heads: int) -> tuple[list[i
     return sorted(idx.long().tolist()), k
 
 
+# ----- which widths: exact ratio, GPU-shaped, or a given multiple -----------------------------------------------
+
+@dataclasses.dataclass
+class WidthShape:
+    mode: str                    # exact | gpu | multiple
+    channels: int = 1            # kept MLP / channel widths are multiples of this
+    heads: int = 1               # kept head dims are multiples of this
+    groupnorm: bool = False      # also round GroupNorm-coupled channel groups (each GN group keeps a share)
+    strict: bool = False         # refuse a layer narrower than the multiple (an explicit --width-multiple)
+    too_narrow: list = dataclasses.field(default_factory=list)
+
+    def fit(self, size: int, multiple: int, plan) -> int:
+        """The multiple to round a width of `size` to; a layer narrower than the multiple keeps the plain ratio
+        (or, for an explicit multiple, is refused)."""
+        if multiple <= size:
+            return multiple
+        if self.strict:
+            raise DiffpruneError(f"--width-multiple {multiple} is larger than {plan.root}'s {plan.kind} width "
+                                 f"{size}; choose a multiple of at most {size}")
+        self.too_narrow.append(f"{plan.root} ({plan.kind} {size})")
+        return 1
+
+    def label(self) -> str:
+        return {"exact": "exact widths", "gpu": "--widths gpu"}.get(self.mode, f"--width-multiple {self.channels}")
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "channel_multiple": self.channels, "head_dim_multiple": self.heads,
+                "groupnorm_groups_rounded": self.groupnorm}
+
+
+def width_shape(model, widths: str = "auto", width_multiple: int = 1) -> WidthShape:
+    if widths not in WIDTHS:
+        raise DiffpruneError(f"unknown widths {widths!r}; choose one of {', '.join(WIDTHS)}")
+    if width_multiple > 1:
+        return WidthShape("multiple", width_multiple, width_multiple, strict=True)
+    if widths == "auto":
+        param = next(iter(model.parameters()), None)
+        widths = "gpu" if param is not None and param.device.type == "cuda" else "exact"
+    if widths == "gpu":
+        return WidthShape("gpu", GPU_CHANNEL_MULTIPLE, GPU_HEAD_MULTIPLE, groupnorm=True)
+    return WidthShape("exact")
+
+
+def _rounded(plans) -> list[dict]:
+    """Groups whose kept width differs from the plain ratio's (per head for attention dims, per half for GEGLU)."""
+    out = []
+    for p in plans:
+        if p.exact_kept is None:
+            continue
+        per = 2 if p.paired else p.groups if p.kind == "attention" and p.groups > 1 else 1
+        kept, exact = (p.kept // 2, p.exact_kept) if p.paired else (p.kept // per, p.exact_kept // per)
+        if kept != exact:
+            kind = "head_dim" if p.kind == "attention" and per > 1 else p.kind
+            out.append({"root": p.root, "kind": kind, "channels": p.channels // (2 if p.paired else per),
+                        "exact": exact, "kept": kept})
+    return out
+
+
+def _rounded_summary(rounded: list[dict]) -> str:
+    pairs = {}
+    for r in rounded:
+        pairs.setdefault(r["kind"], set()).add((r["exact"], r["kept"]))
+    return "; ".join(f"{k} " + ", ".join(f"{a}->{b}" for a, b in sorted(v)) for k, v in pairs.items())
+
+
 # ----- the groups of a model -----------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -111,6 +181,7 @@ class GroupPlan:
     remove: list[int] = dataclasses.field(default_factory=list)
     attention: list[str] = dataclasses.field(default_factory=list)
     heads_removed: int = 0
+    exact_kept: int | None = None  # what the plain ratio keeps (per half for paired), before any rounding
 
     @property
     def kept(self) -> int:
@@ -192,8 +263,9 @@ def _consistent(group, plan: GroupPlan) -> bool:
 # ----- the entry point ------------------------------------------------------------------------------------------
 
 def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float = 0.05, data=None, *,
+          mode: str = "width", depth_ratio: float | None = None,
           rule: str = "paper", reduction: str = "paper", norm: int = 2, heads: str = "dims",
-          width_multiple: int = 1, seed: int = 0,
+          widths: str = "auto", width_multiple: int = 1, seed: int = 0,
           batch: int | None = None, data_dir=None, scheduler_config: dict | None = None,
           progress: bool = True) -> tuple[nn.Module, dict]:
     """Prune `model` (a supported diffusers denoiser) IN PLACE; returns (model, report).
@@ -202,20 +274,32 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
     "fmnist", "synthetic", or a CalibrationBatch. Only the gradient criteria (diff-pruning, taylor) use it.
     scheduler_config: the diffusers scheduler config the model was trained with (default: DDPM linear 1e-4..0.02,
     SD's scaled-linear for text UNets).
-    width_multiple: round what pruning keeps to a multiple of this: each attention head's dim (heads="dims"), MLP
-    hidden widths and other groups without GroupNorm (8 suits GPU matrix kernels; default 1, the plain ratio).
+    mode: "width" (channels, heads, MLP units: `ratio` per group), "depth" (whole units, depth.py: `ratio` of the
+    removable units), or "both" (width by `ratio`, then depth by `depth_ratio`; one gradient walk scores both).
+    widths: "exact" keeps the ratio's widths (the paper's architecture); "gpu" rounds what pruning keeps to GPU
+    matrix-unit shapes (channels and MLP widths to multiples of 64, head dims to multiples of 16); "auto" (default)
+    is "gpu" for a model on a CUDA device and "exact" otherwise. width_multiple > 1 rounds each head's dim, MLP
+    hidden widths and other groups without GroupNorm to that multiple instead (and refuses a layer narrower than it).
     """
     ratio = check_ratio(ratio)
     check_criterion(criterion, reduction, norm)
     threshold = check_threshold(threshold)
+    if mode not in MODES:
+        raise DiffpruneError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "both" and depth_ratio is None:
+        raise DiffpruneError("mode both needs a depth ratio (--depth-ratio) beside the width ratio")
+    depth_ratio = ratio if mode == "depth" else check_ratio(depth_ratio) if mode == "both" else None
     if rule not in RULES:
         raise DiffpruneError(f"unknown channel rule {rule!r}; choose one of {', '.join(RULES)}")
     if heads not in HEAD_MODES:
         raise DiffpruneError(f"unknown head mode {heads!r}; choose one of {', '.join(HEAD_MODES)}")
     if isinstance(width_multiple, bool) or not isinstance(width_multiple, int) or width_multiple < 1:
         raise DiffpruneError(f"width_multiple must be a positive integer, got {width_multiple!r}")
+    shape = width_shape(model, widths, width_multiple)
     adapter = get_adapter(model)
-    if adapter.family not in SUPPORTED_FAMILIES:
+    if mode != "width":
+        depth.check_depth(model, criterion)
+    if mode != "depth" and adapter.family not in SUPPORTED_FAMILIES:
         raise DiffpruneError(f"structural pruning supports {', '.join(SUPPORTED_FAMILIES)} denoisers; "
                              f"{type(model).__name__} ({adapter.family}) is not supported yet")
     notes: list[str] = []
@@ -224,40 +308,67 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
         model.disable_gradient_checkpointing()
         _tell(notes, "gradient checkpointing was switched off while tracing and scoring (it hides layers from "
                      "the dependency graph) and switched back on afterwards", progress)
-    report = {"family": adapter.family, "class": type(model).__name__, "criterion": criterion, "ratio": ratio,
-              "rule": rule, "reduction": reduction, "heads": heads, "width_multiple": width_multiple, "seed": seed}
+    report = {"family": adapter.family, "class": type(model).__name__, "mode": mode, "criterion": criterion,
+              "ratio": ratio, "rule": rule, "reduction": reduction, "heads": heads, "width_multiple": width_multiple,
+              "widths": shape.describe(), "seed": seed}
+    if mode == "both":
+        report["depth_ratio"] = depth_ratio
     if criterion == "magnitude":
         report["norm"] = f"L{norm}"
     was_training = model.training
     model.eval()
+    plans, skipped, units = [], [], None
     try:
         x, t_, cond = adapter.example_inputs(model)  # batch 1, native resolution
         report.update(params_before=count_params(model), macs_before=count_macs(model, adapter, x, t_, cond),
                       macs_input_shape=list(x.shape))
+        if mode != "width":
+            units = depth.depth_units(model)
+            depth.units_due(units, depth_ratio)  # fail before the walk (which units go depends on the scores)
+            per_module = macs_by_module(model, adapter, x, t_, cond)
+            for u in units:
+                u.macs = int(sum(n for k, n in per_module.items()
+                                 if any(k == m or k.startswith(m + ".") for m in u.modules)))
         if criterion in GRADIENT_CRITERIA:
             batch_data = data if isinstance(data, CalibrationBatch) else calibration_batch(
                 model, "auto" if data is None else data, batch=batch, data_dir=data_dir, seed=seed)
             t = threshold if criterion == "diff-pruning" else 0.0
-            ts = accumulate_gradients(model, batch_data.images, batch_data.cond, t,
-                                      alphas_cumprod=alphas_cumprod_for(model, scheduler_config), seed=seed,
-                                      progress=progress)
+            recorder = depth.record_unit_scores(model, units) if units else contextlib.nullcontext({})
+            with recorder as unit_scores:
+                ts = accumulate_gradients(model, batch_data.images, batch_data.cond, t,
+                                          alphas_cumprod=alphas_cumprod_for(model, scheduler_config), seed=seed,
+                                          progress=progress)
+            unit_scores = {k: abs(float(v)) for k, v in unit_scores.items()}
             report["calibration"] = batch_data.describe()
             report["timesteps"] = ts.to_dict()
             if batch_data.synthetic:
                 _tell(notes, f"calibration batch is synthetic ({batch_data.source})", progress)
-        dg, plans, skipped = _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, width_multiple,
-                                   seed)
-        odd = _odd_widths(plans)
-        if odd:
-            _tell(notes, f"widths after pruning that are not multiples of 8: {odd}; GPU matrix kernels can run "
-                         f"slower on them than on the larger dense widths (an H100 ran DiT-XL/2 with MLP width 3686 "
-                         f"slower than dense): --width-multiple 8 rounds them", progress)
-        head_counts = _apply(model, dg, plans)
-        del dg
+        elif units:
+            unit_scores = depth.static_scores(model, units, criterion, norm, seed)
+        if mode != "depth":
+            dg, plans, skipped = _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, shape, seed)
+            odd = _odd_widths(plans)
+            if odd:
+                _tell(notes, f"widths after pruning that are not multiples of 8: {odd}; GPU matrix kernels can run "
+                             f"slower on them than on the larger dense widths (an H100 ran DiT-XL/2 with MLP width "
+                             f"3686 slower than dense): --widths gpu or --width-multiple 8 rounds them", progress)
+            if shape.too_narrow:
+                _tell(notes, f"narrower than the {shape.label()} multiple, kept at the ratio's width: "
+                             + ", ".join(shape.too_narrow), progress)
+            rounded = _rounded(plans)
+            if rounded:
+                report["rounded"] = rounded
+                _tell(notes, f"{shape.label()} rounded {len(rounded)} groups' kept widths: "
+                             + _rounded_summary(rounded), progress)
+            head_counts = _apply(model, dg, plans)
+            del dg
+            model.zero_grad(set_to_none=True)
+            fixups.repair(model, run=lambda: adapter.predict_noise(model, x, t_, cond), head_counts=head_counts)
+            if criterion == "reinit":
+                _reinitialise(model, seed, notes)
         model.zero_grad(set_to_none=True)
-        fixups.repair(model, run=lambda: adapter.predict_noise(model, x, t_, cond), head_counts=head_counts)
-        if criterion == "reinit":
-            _reinitialise(model, seed, notes)
+        if units:
+            report["depth"] = _prune_depth(model, units, unit_scores, depth_ratio, progress, notes)
         macs_after = count_macs(model, adapter, x, t_, cond)  # also checks every shape of the pruned model
     finally:
         model.train(was_training)
@@ -268,6 +379,25 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
     if criterion in GRADIENT_CRITERIA:
         report["timesteps_used"] = report["timesteps"]["selected"]
     return model, report
+
+
+def _prune_depth(model, units, scores, depth_ratio, progress, notes) -> dict:
+    """Remove the lowest-scoring units (after any width pruning: the widths a removed unit passes through are read
+    from the model as it is now)."""
+    for u in units:
+        u.score = scores.get(u.name)
+    chosen = depth.choose_units(units, depth_ratio)
+    now = {u.name: u for u in depth.depth_units(model)}
+    for u in chosen:
+        if not now[u.name].removable:
+            raise DiffpruneError(f"internal: width pruning made {u.name} unremovable ({now[u.name].why})")
+        u.channels = now[u.name].channels
+    removed = depth.remove_units(model, chosen)
+    names = [u.name for u in chosen]
+    _tell(notes, f"removed {len(chosen)} of {sum(u.removable for u in units)} removable units: {', '.join(names)}",
+          progress)
+    return {"ratio": depth_ratio, "removed": names, "removed_modules": removed,
+            "units": [u.summary() for u in units]}
 
 
 def _odd_widths(plans) -> str:
@@ -286,6 +416,10 @@ def _odd_widths(plans) -> str:
 def count_macs(model, adapter, x, t, cond) -> int:
     """MACs of one call under diffprune's counter (metrics.macs; equal to build_graph(...).total_macs), run on
     fake tensors: shapes only, so an SD-size UNet is counted in about a second on a CPU."""
+    return int(sum(macs_by_module(model, adapter, x, t, cond).values()))
+
+
+def macs_by_module(model, adapter, x, t, cond) -> dict[str, int]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     def run():
@@ -293,9 +427,9 @@ def count_macs(model, adapter, x, t, cond) -> int:
             adapter.predict_noise(model, x, t, cond)
 
     try:
-        return int(sum(count_macs_by_module(model, run).values()))
+        return count_macs_by_module(model, run)
     except Exception:  # an op without a fake-tensor kernel: count on real tensors
-        return int(sum(count_macs_by_module(model, lambda: adapter.predict_noise(model, x, t, cond)).values()))
+        return count_macs_by_module(model, lambda: adapter.predict_noise(model, x, t, cond))
 
 
 def _tell(notes: list, msg: str, progress: bool):
@@ -321,7 +455,7 @@ def _protected(model, adapter) -> list[nn.Module]:
     return [getattr(model, n) for n in names if isinstance(getattr(model, n, None), nn.Module)]
 
 
-def _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, width_multiple, seed):
+def _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, shape, seed):
     import torch_pruning as tp
     if criterion in GRADIENT_CRITERIA and all(p.grad is None for p in model.parameters()):
         raise DiffpruneError("internal: no gradients were accumulated for a gradient criterion")
@@ -340,16 +474,26 @@ def _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, width_
         scores = group_scores(group, criterion, reduction, norm, generator=gen, cache=cache)
         if plan.paired:
             half = plan.channels // 2
-            idx = choose_indices(scores[:half] + scores[half:], ratio, 1, rule, keep_multiple=width_multiple)
+            m = shape.fit(half, shape.channels, plan)
+            idx = choose_indices(scores[:half] + scores[half:], ratio, 1, rule, keep_multiple=m)
+            plan.exact_kept = half - len(choose_indices(scores[:half] + scores[half:], ratio, 1, rule))
             plan.remove = sorted(idx + [i + half for i in idx])
         elif plan.kind == "attention" and heads == "whole" and plan.groups > 1:
             plan.remove, plan.heads_removed = choose_heads(scores, ratio, plan.groups)
         elif plan.groups > 1 and plan.channels % plan.groups == 0:
-            plan.remove = choose_indices(scores, ratio, plan.groups, rule,
-                                         keep_multiple=width_multiple if plan.kind == "attention" else 1)
+            size = plan.channels // plan.groups
+            if plan.kind == "attention":
+                m = shape.fit(size, shape.heads, plan)
+            else:  # GroupNorm groups: each keeps a multiple that makes the whole width one of shape.channels
+                m = shape.fit(size, shape.channels // math.gcd(shape.channels, plan.groups), plan) \
+                    if shape.groupnorm else 1
+            plan.remove = choose_indices(scores, ratio, plan.groups, rule, keep_multiple=m)
+            plan.exact_kept = plan.channels - len(choose_indices(scores, ratio, plan.groups, rule))
         else:  # GroupNorm reached only through a concatenation: keep its width divisible
-            plan.remove = choose_indices(scores, ratio, 1, rule, multiple_of=max(plan.groups, 1),
-                                         keep_multiple=width_multiple)
+            m = shape.fit(plan.channels, shape.channels, plan)
+            plan.remove = choose_indices(scores, ratio, 1, rule, multiple_of=max(plan.groups, 1), keep_multiple=m)
+            plan.exact_kept = plan.channels - len(choose_indices(scores, ratio, 1, rule,
+                                                                 multiple_of=max(plan.groups, 1)))
         plans.append(plan)
     return dg, plans, skipped
 

@@ -1,0 +1,278 @@
+"""Depth pruning: remove whole units (UNet resnet/attention pairs and mid block, transformer blocks) instead of
+channels, scored like Diff-Pruning scores channels.
+
+Units come from the adapters' own unit names (models.adapters: a fine UNet resnet and the attention that follows
+it form one unit; the mid block and every transformer block are units). A removed unit becomes a `Skipped`
+module: identity for residual units; an up-block resnet also drops the skip connection it concatenated (it returns
+the first `channels` channels of its input, the hidden path), so the UNet's skip bookkeeping stays valid without
+rebuilding the block. A unit whose output width differs from its hidden input width (a resnet that changes
+channels) cannot become an identity and is kept. DiT's first block is kept too: its adaLN embedding conditions the
+final layer.
+
+Importance of a unit u, the first-order estimate of removing it: removal replaces its output y with its input x,
+so dL ~ <dL/dy, x - y>. Diff-Pruning sums that over the informative timesteps (the same walk as the width
+criteria: structural/timesteps.py) and takes |sum_t <g_t, x_t - y_t>|; taylor uses every timestep; magnitude
+scores the mean |w|^p of the unit's weights; random draws uniform scores. The lowest-scoring units are removed,
+globally, round(ratio * removable) of them.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from ..errors import DiffpruneError
+from ..models import get_adapter
+
+DEPTH_CRITERIA = ("diff-pruning", "taylor", "magnitude", "random")
+DEPTH_FAMILIES = ("unet2d", "unet2d-condition", "dit")
+# classes a removed unit's module may have in the base model (checked when a pruned model is loaded)
+REMOVABLE_CLASSES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "BasicTransformerBlock",
+                     "UNetMidBlock2D", "UNetMidBlock2DCrossAttn")
+
+
+class Skipped(nn.Module):
+    """What a removed unit's module becomes: its input passes through (the first `channels` channels where the
+    unit concatenated a skip connection onto its input), as a tuple where the caller asked for return_dict=False."""
+
+    def __init__(self, channels: int | None = None):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.channels is None else hidden_states[:, :self.channels]
+        return (out,) if kwargs.get("return_dict", True) is False else out
+
+    def extra_repr(self) -> str:
+        return "" if self.channels is None else f"channels={self.channels}"
+
+
+@dataclasses.dataclass
+class DepthUnit:
+    name: str                     # the unit's first module (a resnet, the mid block, a transformer block)
+    modules: list[str]            # the modules removed together (resnet [+ its attention])
+    level: str                    # units of one level may not all go (a UNet resolution stage; a DiT's stack)
+    removable: bool
+    why: str = ""                 # why a unit is kept regardless of its score
+    channels: int | None = None   # width of the hidden path where the unit's input carries a concatenated skip
+    score: float | None = None
+    macs: int = 0
+
+    def summary(self) -> dict:
+        d = {"unit": self.name, "modules": self.modules, "level": self.level, "removable": self.removable,
+             "score": self.score, "macs": self.macs}
+        return {**d, "why_kept": self.why} if self.why else d
+
+
+def _cls(m) -> str:
+    return type(m).__name__
+
+
+def check_depth(model, criterion: str) -> None:
+    adapter = get_adapter(model)
+    if adapter.family not in DEPTH_FAMILIES:
+        raise DiffpruneError(f"depth pruning supports {', '.join(DEPTH_FAMILIES)} denoisers; "
+                             f"{type(model).__name__} ({adapter.family}) has no depth units diffprune can remove "
+                             f"yet: use --mode width")
+    if criterion not in DEPTH_CRITERIA:
+        raise DiffpruneError(f"criterion {criterion!r} has no depth version; depth pruning takes "
+                             f"{', '.join(DEPTH_CRITERIA)}")
+
+
+def depth_units(model) -> list[DepthUnit]:
+    """The model's depth units in execution order, each marked removable or not (with the reason)."""
+    adapter = get_adapter(model)
+    if adapter.family.startswith("unet"):
+        return _unet_units(model, adapter)
+    units = []
+    for i, name in enumerate(adapter.unit_names(model, "coarse")):
+        block = model.get_submodule(name)
+        keep = i == 0 and adapter.family == "dit"
+        units.append(DepthUnit(name=name, modules=[name], level="transformer_blocks",
+                               removable=not keep and not isinstance(block, Skipped),
+                               why="its adaLN embedding conditions the final layer" if keep else ""))
+    return units
+
+
+def _stage(name: str, n_stages: int) -> str:
+    """UNet level: the resolution stage (down block i and up block n-1-i; the mid block sits at the bottom)."""
+    if name.startswith("mid_block"):
+        return f"stage {n_stages - 1}"
+    kind, i = name.split(".")[:2]
+    return f"stage {int(i) if kind == 'down_blocks' else n_stages - 1 - int(i)}"
+
+
+def _unet_units(model, adapter) -> list[DepthUnit]:
+    names = adapter.unit_names(model, "fine")
+    entry = _up_entry_widths(model, adapter)
+    n = len(model.config.block_out_channels)
+    units, out_width = [], {}
+    for k, name in enumerate(names):
+        m = model.get_submodule(name)
+        if isinstance(m, Skipped):  # removed before (a depth-pruned model pruned again)
+            if name.startswith("up_blocks") and m.channels is not None:
+                out_width[name] = m.channels
+            if name == "mid_block" or name.split(".")[2] == "resnets":
+                units.append(DepthUnit(name, [name], _stage(name, n), False, "already removed", m.channels))
+            continue
+        if name == "mid_block":
+            w_in, w_out = m.resnets[0].conv1.in_channels, m.resnets[-1].conv2.out_channels
+            ok = w_in == w_out
+            units.append(DepthUnit(name, [name], _stage(name, n), ok, "" if ok else "it changes the width"))
+            continue
+        parts = name.split(".")
+        if parts[2] != "resnets":
+            continue
+        j = int(parts[3])
+        mods = [name]
+        attn = ".".join(parts[:2] + ["attentions", str(j)])
+        if k + 1 < len(names) and names[k + 1] == attn:
+            mods.append(attn)
+            a = model.get_submodule(attn)
+            residual = getattr(a, "residual_connection", True) or _cls(a) == "Transformer2DModel"
+        else:
+            residual = True
+        w_out = m.conv2.out_channels
+        out_width[name] = w_out
+        channels = None
+        if parts[0] == "down_blocks":
+            w_in = m.conv1.in_channels
+        else:  # the hidden path of an up-block resnet: the block's input, or the previous resnet's output
+            prev = ".".join(parts[:3] + [str(j - 1)])
+            w_in = entry[".".join(parts[:2])] if j == 0 else out_width[prev]
+            channels = w_in
+        why = "" if w_in == w_out else f"it changes the width ({w_in} -> {w_out})"
+        if not residual:
+            why = "its attention has no residual connection"
+        units.append(DepthUnit(name, mods, _stage(name, n), not why, why, channels))
+    return units
+
+
+def _up_entry_widths(model, adapter) -> dict[str, int]:
+    """Width of the hidden path entering each up block (before any skip is concatenated), from one forward."""
+    widths, handles = {}, []
+
+    def hook(name):
+        def pre(mod, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            widths[name] = int(h.shape[1])
+        return pre
+
+    try:
+        for i, block in enumerate(model.up_blocks):
+            handles.append(block.register_forward_pre_hook(hook(f"up_blocks.{i}"), with_kwargs=True))
+        m = adapter.spatial_multiple(model)
+        # 2x2 at the bottom: a GroupNorm group needs more than one value
+        x, t, cond = adapter.example_inputs(model, batch=1, height=2 * m, width=2 * m)
+        with torch.no_grad():
+            adapter.predict_noise(model, x, t, cond)
+    finally:
+        for h in handles:
+            h.remove()
+    return widths
+
+
+@contextlib.contextmanager
+def record_unit_scores(model, units: list[DepthUnit]):
+    """While active, every backward adds <dL/dy, x - y> of each removable unit into the yielded dict (so the
+    timestep walk's per-step backward sums it over the selected steps, exactly like the weight gradients)."""
+    acc = {u.name: torch.zeros((), dtype=torch.float64) for u in units if u.removable}
+    inputs, handles = {}, []
+
+    def pre(u):
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            inputs[u.name] = x if u.channels is None else x[:, :u.channels]
+        return hook
+
+    def post(u):
+        def hook(mod, args, out):
+            y = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+            if not (torch.is_tensor(y) and y.requires_grad):
+                return
+            delta = (inputs.pop(u.name) - y).detach()
+
+            def grad_hook(g):
+                acc[u.name] += (g.double() * delta.double()).sum().cpu()
+            y.register_hook(grad_hook)
+        return hook
+
+    try:
+        for u in units:
+            if not u.removable:
+                continue
+            handles.append(model.get_submodule(u.modules[0]).register_forward_pre_hook(pre(u), with_kwargs=True))
+            handles.append(model.get_submodule(u.modules[-1]).register_forward_hook(post(u)))
+        yield acc
+    finally:
+        for h in handles:
+            h.remove()
+        inputs.clear()
+
+
+def static_scores(model, units: list[DepthUnit], criterion: str, norm: int = 2, seed: int = 0) -> dict[str, float]:
+    """Scores that need no data: magnitude (mean |w|^p over the unit's weights) or random."""
+    removable = [u for u in units if u.removable]
+    if criterion == "random":
+        r = torch.rand(len(removable), generator=torch.Generator().manual_seed(seed))
+        return {u.name: float(s) for u, s in zip(removable, r)}
+    scores = {}
+    for u in removable:
+        ws = [p.detach().float() for m in u.modules for n, p in model.get_submodule(m).named_parameters()
+              if n.endswith("weight") and p.ndim > 1]
+        total = sum(float(w.abs().pow(norm).sum()) for w in ws)
+        scores[u.name] = total / max(sum(w.numel() for w in ws), 1)
+    return scores
+
+
+def units_due(units: list[DepthUnit], ratio: float) -> int:
+    """How many units a depth ratio removes: round(ratio * removable), at least one."""
+    removable = [u for u in units if u.removable]
+    if not removable:
+        raise DiffpruneError("this model has no unit that can be removed whole (every one changes its width); "
+                             "use --mode width")
+    n = int(ratio * len(removable) + 0.5)
+    if n == 0:
+        raise DiffpruneError(f"depth ratio {ratio:g} removes none of the {len(removable)} removable units; "
+                             f"use a ratio of at least {0.5 / len(removable):.3f}")
+    return n
+
+
+def choose_units(units: list[DepthUnit], ratio: float) -> list[DepthUnit]:
+    """The round(ratio * removable) lowest-scoring removable units; refuses to empty a level."""
+    removable = [u for u in units if u.removable]
+    n = units_due(units, ratio)
+    order = sorted(range(len(removable)), key=lambda i: (removable[i].score, i))
+    chosen = {removable[i].name for i in order[:n]}
+    for level in dict.fromkeys(u.level for u in units):
+        members = [u for u in units if u.level == level]
+        if all(u.name in chosen for u in members):
+            raise DiffpruneError(f"depth ratio {ratio:g} would remove every unit of {level} "
+                                 f"({len(members)} units: {', '.join(u.name for u in members)}); lower the ratio")
+    return [u for u in units if u.name in chosen]
+
+
+def remove_units(model, chosen: list[DepthUnit]) -> dict[str, int | None]:
+    """Replace the chosen units' modules by Skipped; returns {module name: channels} (what io.py records)."""
+    removed = {}
+    for u in chosen:
+        for i, name in enumerate(u.modules):
+            channels = u.channels if i == 0 else None
+            set_module(model, name, Skipped(channels))
+            removed[name] = channels
+    return removed
+
+
+def set_module(model, name: str, new: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+def removed_modules(model) -> dict[str, int | None]:
+    return {n: m.channels for n, m in model.named_modules() if isinstance(m, Skipped)}
