@@ -398,7 +398,7 @@ def test_a_schedule_whose_meta_is_not_an_object_is_a_clear_error(tmp_path):
     doc = s.to_dict()
     doc["meta"] = ["not", "an", "object"]
     (tmp_path / "s.json").write_text(json.dumps(doc))
-    with pytest.raises(DiffpruneError, match="'meta' is not an object"):
+    with pytest.raises(DiffpruneError, match="\"meta\" must be an object"):
         Schedule.load(tmp_path / "s.json")
 
 
