@@ -3,7 +3,8 @@ from __future__ import annotations
 
 METHOD_HELP = ("dipgo: train the DiP-GO pruner and threshold it at the ratio; deepcache: shallow branch every "
                "step, everything on full steps; steps: fewer sampler steps; step-reuse: the best whole-step reuse "
-               "schedule by a cheap search; random / genetic: searches at a fixed evaluation budget")
+               "schedule by a cheap search; random / genetic: searches at a fixed evaluation budget; grid: the searched "
+               "timestep grid with as many calls as fewer steps (ddim, dpm-solver++, ddpm)")
 
 
 def add_parser(sub):
@@ -15,7 +16,7 @@ def add_parser(sub):
                                    "noise. " + METHOD_HELP)
     p.add_argument("model", help="zoo name or local diffusers model/pipeline directory")
     p.add_argument("--method", required=True, choices=["dipgo", "deepcache", "steps", "step-reuse", "random",
-                                                       "genetic"], help="how to make the schedule")
+                                                       "genetic", "grid"], help="how to make the schedule")
     p.add_argument("--ratio", type=float, help="target pruned MACs ratio in (0, 1), e.g. 0.8 = 5x fewer MACs "
                                                "(DeepCache: or give --interval)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps of the rollout (default 50)")
@@ -39,7 +40,7 @@ def add_parser(sub):
     p.add_argument("--prompts", help="text file, one prompt per line (Stable Diffusion pipelines)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model precision")
-    g = p.add_argument_group("searches (random, genetic, step-reuse)")
+    g = p.add_argument_group("searches (random, genetic, step-reuse, grid)")
     g.add_argument("--budget", type=int, default=32, help="schedule evaluations (default 32)")
     g.add_argument("--samples", type=int, default=4, help="samples per evaluation (default 4)")
     g = p.add_argument_group("DeepCache")

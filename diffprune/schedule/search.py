@@ -6,7 +6,8 @@ bisection DiP-GO's post-processing uses, so searches compare schedules of equal 
 - random: random scores per cell -> thresholded table; keep the best;
 - genetic: a population of score tables; tournament selection, row-wise crossover, Gaussian mutation, elitism;
 - step-reuse: whole-step reuse grids (full steps + visits that step with the previous prediction): a one-parameter
-  family of placements (full steps denser early or late), then hill climbing that moves single full steps.
+  family of placements (full steps denser early or late), then hill climbing that moves single full steps;
+- grid: the K-call timestep grid (every call dense) closest to the dense rollout (gridsearch.py).
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from ..errors import DiffpruneError
 from ..grid import Grid
 from ..models import UnitGraph, architecture_hash, build_graph
 from ..util import denoiser_of, positive_int, ratio as check_ratio
-from . import baselines
+from . import baselines, gridsearch
 from .dipgo import RATIO_TOLERANCE, DipGo, table_at_ratio, train_pruner
 from .rollouts import make_rollouts, scheduler_for, seeded_rng, timestep_grid
 from .runtime import ScheduleRuntime
 from .schedule import Schedule
 
-METHODS = ("dipgo", "deepcache", "steps", "step-reuse", "random", "genetic")
+METHODS = ("dipgo", "deepcache", "steps", "step-reuse", "random", "genetic", "grid")
 
 
 class Evaluator:
@@ -60,6 +61,16 @@ class Evaluator:
             grid = Grid(reuse=tuple(s not in full for s in range(self.n_calls)))
             with torch.no_grad():
                 images = self.rollouts.run(self.noise, self.cond, grid=grid)
+            self._memo[key] = float(self.rollouts.similarity(images, self.reference))
+            self.evaluations += 1
+        return self._memo[key]
+
+    def grid_score(self, timesteps) -> float:
+        """SSIM of the dense model on the grid that visits `timesteps` (descending), one denoiser call each."""
+        key = b"grid" + np.asarray(timesteps, dtype=np.int64).tobytes()
+        if key not in self._memo:
+            with torch.no_grad():
+                images = self.rollouts.run(self.noise, self.cond, grid=Grid(timesteps=tuple(timesteps)))
             self._memo[key] = float(self.rollouts.similarity(images, self.reference))
             self.evaluations += 1
         return self._memo[key]
@@ -189,7 +200,7 @@ def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = Non
     """A schedule for `model_or_pipeline` by `method` (one of METHODS) at pruned MACs ratio `ratio`.
 
     steps/sampler: the rollout it is for ("steps" returns a keep-all schedule with fewer steps). budget /
-    n_samples: evaluations and samples of the searches (random, genetic, step-reuse). interval / depth /
+    n_samples: evaluations and samples of the searches (random, genetic, step-reuse, grid). interval / depth /
     non_uniform: DeepCache settings (interval replaces the ratio). DiP-GO: pruner = a DipGo or a pruner file to
     reuse instead of training; save_pruner = where to write the trained pruner; other keywords go to
     dipgo.train_pruner (iterations, batch_size, optimizer, lr, alpha, dim, encoder, ...)."""
@@ -205,6 +216,8 @@ def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = Non
     h = architecture_hash(model)
     n_calls = sampling.rollout_length(scheduler_for(model_or_pipeline, sampler), steps)
 
+    if method == "grid":
+        gridsearch.check_sampler(sampler)
     if method == "steps":
         sched = baselines.fewer_steps_schedule(graph, steps, ratio, sampler=sampler,
                                                scheduler=scheduler_for(model_or_pipeline, sampler), model_hash=h)
@@ -232,10 +245,20 @@ def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = Non
                              conditions=conditions)
         found = {"random": lambda: random_search(evaluate, ratio, budget, seed, progress),
                  "genetic": lambda: genetic_search(evaluate, ratio, budget, seed, progress=progress),
-                 "step-reuse": lambda: step_reuse_search(evaluate, ratio, budget, progress)}[method]()
+                 "step-reuse": lambda: step_reuse_search(evaluate, ratio, budget, progress),
+                 "grid": lambda: gridsearch.grid_search(evaluate, scheduler_for(model_or_pipeline, sampler),
+                                                        baselines.fewer_steps_count(sampler, steps, ratio), steps,
+                                                        budget, progress)}[method]()
         settings = dict(ssim=found[1], evaluations=evaluate.evaluations, n_samples=n_samples, seed=seed,
                         guidance_scale=guidance_scale)
-        if method == "step-reuse":
+        if method == "grid":
+            sched = Schedule.from_table(graph, np.ones((len(found[0]), graph.n_units), dtype=bool), sampler=sampler,
+                                        num_steps=steps, model_hash=h, timesteps=found[0], base_calls=n_calls,
+                                        meta={"method": "grid", **settings, "candidates": found[2]})
+            sched.meta.update({"target_ratio": ratio, "pruned_ratio": sched.pruned_ratio(graph),
+                               "note": f"the dense model on a searched {len(found[0])}-step grid instead of "
+                                       f"{steps} {sampler} steps"})
+        elif method == "step-reuse":
             sched = baselines.step_reuse_schedule(graph, steps, ratio, sampler=sampler, full_steps=found[0],
                                                   model_hash=h, searched=True, **settings)
         else:
