@@ -3,8 +3,10 @@ from __future__ import annotations
 
 METHOD_HELP = ("dipgo: train the DiP-GO pruner and threshold it at the ratio; deepcache: shallow branch every "
                "step, everything on full steps; steps: fewer sampler steps; step-reuse: the best whole-step reuse "
-               "schedule by a cheap search; random / genetic: searches at a fixed evaluation budget; grid: the searched "
-               "timestep grid with as many calls as fewer steps (ddim, dpm-solver++, ddpm)")
+               "schedule by a cheap search; random / genetic: searches at a fixed evaluation budget; grid: the "
+               "searched timestep grid with as many calls as fewer steps (ddim, dpm-solver++, ddpm); auto: every "
+               "family, scored on held-out samples, the best written (plus a Pareto plot and a table of all "
+               "candidates beside --out)")
 
 
 def add_parser(sub):
@@ -16,7 +18,7 @@ def add_parser(sub):
                                    "noise. " + METHOD_HELP)
     p.add_argument("model", help="zoo name or local diffusers model/pipeline directory")
     p.add_argument("--method", required=True, choices=["dipgo", "deepcache", "steps", "step-reuse", "random",
-                                                       "genetic", "grid"], help="how to make the schedule")
+                                                       "genetic", "grid", "auto"], help="how to make the schedule")
     p.add_argument("--ratio", type=float, help="target pruned MACs ratio in (0, 1), e.g. 0.8 = 5x fewer MACs "
                                                "(DeepCache: or give --interval)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps of the rollout (default 50)")
@@ -43,6 +45,12 @@ def add_parser(sub):
     g = p.add_argument_group("searches (random, genetic, step-reuse, grid)")
     g.add_argument("--budget", type=int, default=32, help="schedule evaluations (default 32)")
     g.add_argument("--samples", type=int, default=4, help="samples per evaluation (default 4)")
+    g = p.add_argument_group("auto")
+    g.add_argument("--with-dipgo", action="store_true",
+                   help="train DiP-GO as a candidate too (default only on a GPU: it is slow on a CPU)")
+    g.add_argument("--latency-ms", type=float,
+                   help="budget in measured latency of the captured rollout on this GPU (--device cuda) instead of "
+                        "--ratio: the best candidate of several ratios within it")
     g = p.add_argument_group("DeepCache")
     g.add_argument("--interval", type=int, help="one full step in N (default: chosen from --ratio)")
     g.add_argument("--depth", type=int, default=1, help="units kept at each end on cheap steps (default 1)")
@@ -77,7 +85,8 @@ def run(args):
     # every argument is checked before any work
     if args.ratio is not None:
         ratio(args.ratio, "--ratio")
-    elif not (args.method == "deepcache" and args.interval is not None):
+    elif not (args.method == "deepcache" and args.interval is not None) and \
+            not (args.method == "auto" and args.latency_ms is not None):
         raise DiffpruneError(f"--method {args.method} needs --ratio (a pruned MACs ratio strictly between 0 and 1)")
     for name in ("steps", "budget", "samples", "iterations", "batch_size", "dim", "depth"):
         positive_int(getattr(args, name), "--" + name.replace("_", "-"))
@@ -87,7 +96,13 @@ def run(args):
     if out.suffix.lower() != ".json":
         raise DiffpruneError(f"--out must name a .json file, got {args.out}")
     png = out.with_suffix(".png")
-    for f in (out, png):
+    if args.latency_ms is not None and args.method != "auto":
+        raise DiffpruneError("--latency-ms only applies to --method auto")
+    if args.latency_ms is not None and not str(args.device).startswith("cuda"):
+        raise DiffpruneError("--latency-ms is measured latency of the captured rollout on a GPU: pass --device "
+                             "cuda on a machine with one, or give --ratio instead")
+    from ..schedule.auto import report_paths
+    for f in (out, png, *(report_paths(out).values() if args.method == "auto" else ())):
         if f.exists() and not args.overwrite:
             raise DiffpruneError(f"{f} already exists; choose another --out or pass --overwrite")
     if args.pruner and args.method != "dipgo":
@@ -123,12 +138,26 @@ def run(args):
         conditional = adapter.conditioning == "text" or adapter.is_class_conditional(model)
         args.guidance_scale = 2.0 if conditional else 1.0
     options = {}
-    if args.method == "dipgo":
+    if args.method in ("dipgo", "auto"):
         options = dict(iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        alpha=args.alpha, dim=args.dim, encoder=not args.no_encoder,
-                       checkpoint=not args.no_checkpoint, pruner=args.pruner,
-                       save_pruner=args.save_pruner if procs.is_main_process else None,
-                       state_path=args.state)
+                       checkpoint=not args.no_checkpoint)
+        if args.method == "dipgo":
+            options.update(pruner=args.pruner, save_pruner=args.save_pruner if procs.is_main_process else None,
+                           state_path=args.state)
+    if args.method == "auto":
+        from ..schedule.auto import auto_search, write_outputs
+        result = auto_search(obj, args.ratio, steps=args.steps, sampler=args.sampler, graph=graph,
+                             budget=args.budget, n_samples=args.samples, guidance_scale=args.guidance_scale,
+                             seed=args.seed, labels=labels, prompts=prompts, latency_ms=args.latency_ms,
+                             with_dipgo=True if args.with_dipgo else None, **options)
+        result.best.schedule.meta["model"] = args.model
+        if procs.is_main_process:
+            for path in write_outputs(result, out, graph):
+                print(f"wrote {path}")
+            print(result.summary)
+        procs.wait_for_everyone()
+        return 0
     sched = search_schedule(obj, args.method, ratio=args.ratio, steps=args.steps, sampler=args.sampler,
                             graph=graph, budget=args.budget, n_samples=args.samples,
                             guidance_scale=args.guidance_scale, seed=args.seed, labels=labels, prompts=prompts,
