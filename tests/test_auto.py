@@ -103,3 +103,21 @@ def test_search_auto_command(tmp_path):
     r = run_cli("search", "tiny-unet", "--method", "auto", "--latency-ms", "5", "--out", bad)
     assert r.returncode == 2 and "--device cuda" in r.stderr and "Traceback" not in r.stderr
     assert not bad.exists() and not report_paths(bad)["csv"].exists()
+
+
+def test_dipgo_from_the_grid_never_ends_below_its_start(unet):
+    from diffprune.schedule import search_schedule
+    from diffprune.schedule.search import Evaluator
+    model, graph = unet
+    sched = search_schedule(model, "dipgo", ratio=0.5, steps=6, graph=graph, init="grid", budget=4, n_samples=2,
+                            iterations=3, dim=16, seed=2, progress=False)
+    m = sched.meta
+    assert m["init"] == "grid" and m["selected"] in ("init", "trained")
+    assert m["ssim"] == max(m["init_ssim"], m["trained_ssim"]) >= m["init_ssim"]
+    # the scores are those of running the schedules on the same calibration samples
+    evaluate = Evaluator(model, graph, num_steps=6, n_samples=2, seed=2)
+    assert evaluate(sched.table) == pytest.approx(m["ssim"], abs=1e-6)
+    start = baselines.table_with_full_steps(6, m["init_full_steps"], [False] * graph.n_units)
+    assert evaluate(start) == pytest.approx(m["init_ssim"], abs=1e-6)
+    if m["selected"] == "init":
+        assert (sched.table == start).all()

@@ -67,6 +67,10 @@ def add_parser(sub):
     g.add_argument("--dim", type=int, default=512, help="query dimension (default 512)")
     g.add_argument("--no-encoder", action="store_true", help="skip the query encoder (to measure what it does)")
     g.add_argument("--no-checkpoint", action="store_true", help="keep all activations instead of recomputing")
+    g.add_argument("--init", choices=["grid"],
+                   help="grid: start the gates from the searched whole-step schedule (--budget evaluations) instead "
+                        "of all-keep, and keep whichever of it and the trained schedule matches the dense rollout "
+                        "better on the calibration samples (default: the paper's all-keep start)")
     g.add_argument("--pruner", help="a trained pruner (.safetensors) to threshold instead of training one")
     g.add_argument("--save-pruner", help="write the trained pruner here (.safetensors)")
     g.add_argument("--state", help="resumable training state file (.safetensors); resumes if it exists")
@@ -105,6 +109,8 @@ def run(args):
     for f in (out, png, *(report_paths(out).values() if args.method == "auto" else ())):
         if f.exists() and not args.overwrite:
             raise DiffpruneError(f"{f} already exists; choose another --out or pass --overwrite")
+    if args.init and args.method not in ("dipgo", "auto"):
+        raise DiffpruneError("--init only applies to --method dipgo (or auto's DiP-GO candidate)")
     if args.pruner and args.method != "dipgo":
         raise DiffpruneError("--pruner only applies to --method dipgo")
     labels = None
@@ -141,7 +147,7 @@ def run(args):
     if args.method in ("dipgo", "auto"):
         options = dict(iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        alpha=args.alpha, dim=args.dim, encoder=not args.no_encoder,
-                       checkpoint=not args.no_checkpoint)
+                       checkpoint=not args.no_checkpoint, init=args.init)
         if args.method == "dipgo":
             options.update(pruner=args.pruner, save_pruner=args.save_pruner if procs.is_main_process else None,
                            state_path=args.state)

@@ -195,15 +195,16 @@ def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = Non
                     sampler: str = "ddim", granularity: str = "coarse", graph: UnitGraph | None = None,
                     budget: int = 32, n_samples: int = 4, guidance_scale: float = 1.0, seed: int = 0,
                     labels=None, prompts=None, conditions=None, interval: int | None = None, depth: int = 1,
-                    non_uniform: bool = False, pruner=None, save_pruner=None, progress: bool = True,
-                    **dipgo_options) -> Schedule:
+                    non_uniform: bool = False, pruner=None, save_pruner=None, init: str | None = None,
+                    progress: bool = True, **dipgo_options) -> Schedule:
     """A schedule for `model_or_pipeline` by `method` (one of METHODS) at pruned MACs ratio `ratio`.
 
     steps/sampler: the rollout it is for ("steps" returns a keep-all schedule with fewer steps). budget /
     n_samples: evaluations and samples of the searches (random, genetic, step-reuse, grid). interval / depth /
     non_uniform: DeepCache settings (interval replaces the ratio). DiP-GO: pruner = a DipGo or a pruner file to
-    reuse instead of training; save_pruner = where to write the trained pruner; other keywords go to
-    dipgo.train_pruner (iterations, batch_size, optimizer, lr, alpha, dim, encoder, ...)."""
+    reuse instead of training; save_pruner = where to write the trained pruner; init="grid": start from the
+    searched whole-step schedule and keep whichever of it and the trained one scores better (_dipgo_from_grid);
+    other keywords go to dipgo.train_pruner (iterations, batch_size, optimizer, lr, alpha, dim, encoder, ...)."""
     if method not in METHODS:
         raise DiffpruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if ratio is not None:
@@ -226,6 +227,15 @@ def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = Non
                                           non_uniform=non_uniform)
         sched = _from_table(graph, table, sampler, steps, h, method="deepcache", target_ratio=ratio,
                             interval=interval, depth=depth, non_uniform=non_uniform)
+    elif method == "dipgo" and init is not None:
+        if init != "grid":
+            raise DiffpruneError(f"unknown DiP-GO init {init!r}; choose grid (or none for the paper's all-keep)")
+        if pruner is not None:
+            raise DiffpruneError("init='grid' trains a new pruner; it cannot start from a given one")
+        sched = _dipgo_from_grid(model_or_pipeline, graph, ratio, steps=steps, sampler=sampler, budget=budget,
+                                 n_samples=n_samples, guidance_scale=guidance_scale, seed=seed, labels=labels,
+                                 prompts=prompts, conditions=conditions, save_pruner=save_pruner, progress=progress,
+                                 model_hash=h, **dipgo_options)
     elif method == "dipgo":
         if pruner is None:
             result = train_pruner(model_or_pipeline, target=ratio, num_steps=steps, sampler=sampler, graph=graph,
@@ -265,6 +275,36 @@ def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = Non
             sched = _from_table(graph, found[0], sampler, steps, h, method=method, target_ratio=ratio, **settings)
     sched.meta.setdefault("timesteps", timestep_grid(model_or_pipeline, sampler, sched.num_steps))
     return sched
+
+
+def _dipgo_from_grid(model_or_pipeline, graph, ratio, *, steps, sampler, budget, n_samples, guidance_scale, seed,
+                     labels, prompts, conditions, save_pruner, progress, model_hash, **train_options) -> Schedule:
+    """DiP-GO that cannot end worse than where it starts: the gates start at the searched whole-step reuse
+    schedule (its keep-table form: reused calls compute no unit) instead of all-keep, and of the trained schedule
+    and that start the one with the better SSIM on the calibration samples is returned (meta "selected")."""
+    evaluate = Evaluator(model_or_pipeline, graph, sampler=sampler, num_steps=steps, n_samples=n_samples,
+                         guidance_scale=guidance_scale, seed=seed, labels=labels, prompts=prompts,
+                         conditions=conditions)
+    full, _ = step_reuse_search(evaluate, ratio, budget, progress)
+    start = baselines.table_with_full_steps(evaluate.n_calls, full, np.zeros(graph.n_units, dtype=bool))
+    from .dipgo import Pruner
+    pruner = Pruner(evaluate.n_calls, graph.n_units, dim=train_options.pop("dim", 512),
+                    encoder=train_options.pop("encoder", True), seed=seed)
+    with torch.no_grad():  # last-layer bias: keep 1 / skip 0 where the start keeps, the other way round elsewhere
+        pruner.b3.copy_(torch.from_numpy(np.stack([~start, start], -1).astype(np.float32)))
+    result = train_pruner(model_or_pipeline, target=ratio, num_steps=steps, sampler=sampler, graph=graph,
+                          guidance_scale=guidance_scale, labels=labels, prompts=prompts, conditions=conditions,
+                          seed=seed, pruner=pruner, progress=progress, **train_options)
+    if save_pruner is not None:
+        result.save_pruner(save_pruner)
+    trained = result.schedule(ratio)
+    scores = {"init": evaluate(start), "trained": evaluate(trained.table)}
+    selected = "trained" if scores["trained"] >= scores["init"] else "init"
+    table = trained.table if selected == "trained" else start
+    meta = {**trained.meta, "init": "grid", "init_full_steps": [int(s) for s in full], "selected": selected,
+            "init_ssim": scores["init"], "trained_ssim": scores["trained"], "ssim": scores[selected],
+            "n_samples": n_samples, "seed": seed}
+    return _from_table(graph, table, sampler, steps, model_hash, **meta)
 
 
 def _from_table(graph, table, sampler, steps, model_hash, **meta) -> Schedule:
