@@ -3,7 +3,10 @@ from __future__ import annotations
 
 METHOD_HELP = ("dipgo: train the DiP-GO pruner and threshold it at the ratio; deepcache: shallow branch every "
                "step, everything on full steps; steps: fewer sampler steps; step-reuse: the best whole-step reuse "
-               "schedule by a cheap search; random / genetic: searches at a fixed evaluation budget")
+               "schedule by a cheap search; random / genetic: searches at a fixed evaluation budget; grid: the "
+               "searched timestep grid with as many calls as fewer steps (ddim, dpm-solver++, ddpm); auto: every "
+               "family, scored on held-out samples, the best written (plus a Pareto plot and a table of all "
+               "candidates beside --out)")
 
 
 def add_parser(sub):
@@ -15,7 +18,7 @@ def add_parser(sub):
                                    "noise. " + METHOD_HELP)
     p.add_argument("model", help="zoo name or local diffusers model/pipeline directory")
     p.add_argument("--method", required=True, choices=["dipgo", "deepcache", "steps", "step-reuse", "random",
-                                                       "genetic"], help="how to make the schedule")
+                                                       "genetic", "grid", "auto"], help="how to make the schedule")
     p.add_argument("--ratio", type=float, help="target pruned MACs ratio in (0, 1), e.g. 0.8 = 5x fewer MACs "
                                                "(DeepCache: or give --interval)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps of the rollout (default 50)")
@@ -41,9 +44,15 @@ def add_parser(sub):
     from ._common import add_device_arg
     add_device_arg(p)
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="model precision")
-    g = p.add_argument_group("searches (random, genetic, step-reuse)")
+    g = p.add_argument_group("searches (random, genetic, step-reuse, grid)")
     g.add_argument("--budget", type=int, default=32, help="schedule evaluations (default 32)")
     g.add_argument("--samples", type=int, default=4, help="samples per evaluation (default 4)")
+    g = p.add_argument_group("auto")
+    g.add_argument("--with-dipgo", action="store_true",
+                   help="train DiP-GO as a candidate too (default only on a GPU: it is slow on a CPU)")
+    g.add_argument("--latency-ms", type=float,
+                   help="budget in measured latency of the captured rollout on this GPU (--device cuda) instead of "
+                        "--ratio: the best candidate of several ratios within it")
     g = p.add_argument_group("DeepCache")
     g.add_argument("--interval", type=int, help="one full step in N (default: chosen from --ratio)")
     g.add_argument("--depth", type=int, default=1, help="units kept at each end on cheap steps (default 1)")
@@ -60,6 +69,10 @@ def add_parser(sub):
     g.add_argument("--dim", type=int, default=512, help="query dimension (default 512)")
     g.add_argument("--no-encoder", action="store_true", help="skip the query encoder (to measure what it does)")
     g.add_argument("--no-checkpoint", action="store_true", help="keep all activations instead of recomputing")
+    g.add_argument("--init", choices=["grid"],
+                   help="grid: start the gates from the searched whole-step schedule (--budget evaluations) instead "
+                        "of all-keep, and keep whichever of it and the trained schedule matches the dense rollout "
+                        "better on the calibration samples (default: the paper's all-keep start)")
     g.add_argument("--pruner", help="a trained pruner (.safetensors) to threshold instead of training one")
     g.add_argument("--save-pruner", help="write the trained pruner here (.safetensors)")
     g.add_argument("--state", help="resumable training state file (.safetensors); resumes if it exists")
@@ -82,7 +95,8 @@ def run(args):
     args.device = resolve_device(args.device)
     if args.ratio is not None:
         ratio(args.ratio, "--ratio")
-    elif not (args.method == "deepcache" and args.interval is not None):
+    elif not (args.method == "deepcache" and args.interval is not None) and \
+            not (args.method == "auto" and args.latency_ms is not None):
         raise DiffpruneError(f"--method {args.method} needs --ratio (a pruned MACs ratio strictly between 0 and 1)")
     for name in ("steps", "budget", "samples", "iterations", "batch_size", "dim", "depth"):
         positive_int(getattr(args, name), "--" + name.replace("_", "-"))
@@ -95,9 +109,17 @@ def run(args):
     if out.suffix.lower() != ".json":
         raise DiffpruneError(f"--out must name a .json file, got {args.out}")
     png = out.with_suffix(".png")
-    for f in (out, png):
+    if args.latency_ms is not None and args.method != "auto":
+        raise DiffpruneError("--latency-ms only applies to --method auto")
+    if args.latency_ms is not None and not str(args.device).startswith("cuda"):
+        raise DiffpruneError("--latency-ms is measured latency of the captured rollout on a GPU: pass --device "
+                             "cuda on a machine with one, or give --ratio instead")
+    from ..schedule.auto import report_paths
+    for f in (out, png, *(report_paths(out).values() if args.method == "auto" else ())):
         if f.exists() and not args.overwrite:
             raise DiffpruneError(f"{f} already exists; choose another --out or pass --overwrite")
+    if args.init and args.method not in ("dipgo", "auto"):
+        raise DiffpruneError("--init only applies to --method dipgo (or auto's DiP-GO candidate)")
     if args.pruner and args.method != "dipgo":
         raise DiffpruneError("--pruner only applies to --method dipgo")
     from ._common import claim, parse_classes
@@ -135,13 +157,27 @@ def run(args):
     if args.device == "cpu" and args.method in ("random", "genetic", "step-reuse"):
         _say_search_time(args, obj, model)
     options = {}
-    if args.method == "dipgo":
+    if args.method in ("dipgo", "auto"):
         options = dict(iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        alpha=args.alpha, dim=args.dim, encoder=not args.no_encoder,
-                       checkpoint=not args.no_checkpoint, pruner=args.pruner,
-                       save_pruner=args.save_pruner if procs.is_main_process else None,
-                       state_path=args.state, checkpoint_every=args.checkpoint_every,
-                       checkpoint_minutes=args.checkpoint_minutes)
+                       checkpoint=not args.no_checkpoint, init=args.init)
+        if args.method == "dipgo":
+            options.update(pruner=args.pruner, save_pruner=args.save_pruner if procs.is_main_process else None,
+                           state_path=args.state, checkpoint_every=args.checkpoint_every,
+                           checkpoint_minutes=args.checkpoint_minutes)
+    if args.method == "auto":
+        from ..schedule.auto import auto_search, write_outputs
+        result = auto_search(obj, args.ratio, steps=args.steps, sampler=args.sampler, graph=graph,
+                             budget=args.budget, n_samples=args.samples, guidance_scale=args.guidance_scale,
+                             seed=args.seed, labels=labels, prompts=prompts, latency_ms=args.latency_ms,
+                             with_dipgo=True if args.with_dipgo else None, **options)
+        result.best.schedule.meta["model"] = args.model
+        if procs.is_main_process:
+            for path in write_outputs(result, out, graph):
+                print(f"wrote {path}")
+            print(result.summary)
+        procs.wait_for_everyone()
+        return 0
     sched = search_schedule(obj, args.method, ratio=args.ratio, steps=args.steps, sampler=args.sampler,
                             graph=graph, budget=args.budget, n_samples=args.samples,
                             guidance_scale=args.guidance_scale, seed=args.seed, labels=labels, prompts=prompts,

@@ -6,7 +6,8 @@ bisection DiP-GO's post-processing uses, so searches compare schedules of equal 
 - random: random scores per cell -> thresholded table; keep the best;
 - genetic: a population of score tables; tournament selection, row-wise crossover, Gaussian mutation, elitism;
 - step-reuse: whole-step reuse grids (full steps + visits that step with the previous prediction): a one-parameter
-  family of placements (full steps denser early or late), then hill climbing that moves single full steps.
+  family of placements (full steps denser early or late), then hill climbing that moves single full steps;
+- grid: the K-call timestep grid (every call dense) closest to the dense rollout (gridsearch.py).
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from ..errors import DiffpruneError
 from ..grid import Grid
 from ..models import UnitGraph, architecture_hash, build_graph
 from ..util import denoiser_of, positive_int, ratio as check_ratio
-from . import baselines
+from . import baselines, gridsearch
 from .dipgo import RATIO_TOLERANCE, DipGo, table_at_ratio, train_pruner
 from .rollouts import make_rollouts, scheduler_for, seeded_rng, timestep_grid
 from .runtime import ScheduleRuntime
 from .schedule import Schedule
 
-METHODS = ("dipgo", "deepcache", "steps", "step-reuse", "random", "genetic")
+METHODS = ("dipgo", "deepcache", "steps", "step-reuse", "random", "genetic", "grid")
 
 
 class Evaluator:
@@ -60,6 +61,16 @@ class Evaluator:
             grid = Grid(reuse=tuple(s not in full for s in range(self.n_calls)))
             with torch.no_grad():
                 images = self.rollouts.run(self.noise, self.cond, grid=grid)
+            self._memo[key] = float(self.rollouts.similarity(images, self.reference))
+            self.evaluations += 1
+        return self._memo[key]
+
+    def grid_score(self, timesteps) -> float:
+        """SSIM of the dense model on the grid that visits `timesteps` (descending), one denoiser call each."""
+        key = b"grid" + np.asarray(timesteps, dtype=np.int64).tobytes()
+        if key not in self._memo:
+            with torch.no_grad():
+                images = self.rollouts.run(self.noise, self.cond, grid=Grid(timesteps=tuple(timesteps)))
             self._memo[key] = float(self.rollouts.similarity(images, self.reference))
             self.evaluations += 1
         return self._memo[key]
@@ -184,15 +195,16 @@ def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = Non
                     sampler: str = "ddim", granularity: str = "coarse", graph: UnitGraph | None = None,
                     budget: int = 32, n_samples: int = 4, guidance_scale: float = 1.0, seed: int = 0,
                     labels=None, prompts=None, conditions=None, interval: int | None = None, depth: int = 1,
-                    non_uniform: bool = False, pruner=None, save_pruner=None, progress: bool = True,
-                    **dipgo_options) -> Schedule:
+                    non_uniform: bool = False, pruner=None, save_pruner=None, init: str | None = None,
+                    progress: bool = True, **dipgo_options) -> Schedule:
     """A schedule for `model_or_pipeline` by `method` (one of METHODS) at pruned MACs ratio `ratio`.
 
     steps/sampler: the rollout it is for ("steps" returns a keep-all schedule with fewer steps). budget /
-    n_samples: evaluations and samples of the searches (random, genetic, step-reuse). interval / depth /
+    n_samples: evaluations and samples of the searches (random, genetic, step-reuse, grid). interval / depth /
     non_uniform: DeepCache settings (interval replaces the ratio). DiP-GO: pruner = a DipGo or a pruner file to
-    reuse instead of training; save_pruner = where to write the trained pruner; other keywords go to
-    dipgo.train_pruner (iterations, batch_size, optimizer, lr, alpha, dim, encoder, ...)."""
+    reuse instead of training; save_pruner = where to write the trained pruner; init="grid": start from the
+    searched whole-step schedule and keep whichever of it and the trained one scores better (_dipgo_from_grid);
+    other keywords go to dipgo.train_pruner (iterations, batch_size, optimizer, lr, alpha, dim, encoder, ...)."""
     if method not in METHODS:
         raise DiffpruneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if ratio is not None:
@@ -205,6 +217,8 @@ def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = Non
     h = architecture_hash(model)
     n_calls = sampling.rollout_length(scheduler_for(model_or_pipeline, sampler), steps)
 
+    if method == "grid":
+        gridsearch.check_sampler(sampler)
     if method == "steps":
         sched = baselines.fewer_steps_schedule(graph, steps, ratio, sampler=sampler,
                                                scheduler=scheduler_for(model_or_pipeline, sampler), model_hash=h)
@@ -213,6 +227,15 @@ def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = Non
                                           non_uniform=non_uniform)
         sched = _from_table(graph, table, sampler, steps, h, method="deepcache", target_ratio=ratio,
                             interval=interval, depth=depth, non_uniform=non_uniform)
+    elif method == "dipgo" and init is not None:
+        if init != "grid":
+            raise DiffpruneError(f"unknown DiP-GO init {init!r}; choose grid (or none for the paper's all-keep)")
+        if pruner is not None:
+            raise DiffpruneError("init='grid' trains a new pruner; it cannot start from a given one")
+        sched = _dipgo_from_grid(model_or_pipeline, graph, ratio, steps=steps, sampler=sampler, budget=budget,
+                                 n_samples=n_samples, guidance_scale=guidance_scale, seed=seed, labels=labels,
+                                 prompts=prompts, conditions=conditions, save_pruner=save_pruner, progress=progress,
+                                 model_hash=h, **dipgo_options)
     elif method == "dipgo":
         if pruner is None:
             result = train_pruner(model_or_pipeline, target=ratio, num_steps=steps, sampler=sampler, graph=graph,
@@ -232,16 +255,56 @@ def search_schedule(model_or_pipeline, method: str, *, ratio: float | None = Non
                              conditions=conditions)
         found = {"random": lambda: random_search(evaluate, ratio, budget, seed, progress),
                  "genetic": lambda: genetic_search(evaluate, ratio, budget, seed, progress=progress),
-                 "step-reuse": lambda: step_reuse_search(evaluate, ratio, budget, progress)}[method]()
+                 "step-reuse": lambda: step_reuse_search(evaluate, ratio, budget, progress),
+                 "grid": lambda: gridsearch.grid_search(evaluate, scheduler_for(model_or_pipeline, sampler),
+                                                        baselines.fewer_steps_count(sampler, steps, ratio), steps,
+                                                        budget, progress)}[method]()
         settings = dict(ssim=found[1], evaluations=evaluate.evaluations, n_samples=n_samples, seed=seed,
                         guidance_scale=guidance_scale)
-        if method == "step-reuse":
+        if method == "grid":
+            sched = Schedule.from_table(graph, np.ones((len(found[0]), graph.n_units), dtype=bool), sampler=sampler,
+                                        num_steps=steps, model_hash=h, timesteps=found[0], base_calls=n_calls,
+                                        meta={"method": "grid", **settings, "candidates": found[2]})
+            sched.meta.update({"target_ratio": ratio, "pruned_ratio": sched.pruned_ratio(graph),
+                               "note": f"the dense model on a searched {len(found[0])}-step grid instead of "
+                                       f"{steps} {sampler} steps"})
+        elif method == "step-reuse":
             sched = baselines.step_reuse_schedule(graph, steps, ratio, sampler=sampler, full_steps=found[0],
                                                   model_hash=h, searched=True, **settings)
         else:
             sched = _from_table(graph, found[0], sampler, steps, h, method=method, target_ratio=ratio, **settings)
     sched.meta.setdefault("timesteps", timestep_grid(model_or_pipeline, sampler, sched.num_steps))
     return sched
+
+
+def _dipgo_from_grid(model_or_pipeline, graph, ratio, *, steps, sampler, budget, n_samples, guidance_scale, seed,
+                     labels, prompts, conditions, save_pruner, progress, model_hash, **train_options) -> Schedule:
+    """DiP-GO that cannot end worse than where it starts: the gates start at the searched whole-step reuse
+    schedule (its keep-table form: reused calls compute no unit) instead of all-keep, and of the trained schedule
+    and that start the one with the better SSIM on the calibration samples is returned (meta "selected")."""
+    evaluate = Evaluator(model_or_pipeline, graph, sampler=sampler, num_steps=steps, n_samples=n_samples,
+                         guidance_scale=guidance_scale, seed=seed, labels=labels, prompts=prompts,
+                         conditions=conditions)
+    full, _ = step_reuse_search(evaluate, ratio, budget, progress)
+    start = baselines.table_with_full_steps(evaluate.n_calls, full, np.zeros(graph.n_units, dtype=bool))
+    from .dipgo import Pruner
+    pruner = Pruner(evaluate.n_calls, graph.n_units, dim=train_options.pop("dim", 512),
+                    encoder=train_options.pop("encoder", True), seed=seed)
+    with torch.no_grad():  # last-layer bias: keep 1 / skip 0 where the start keeps, the other way round elsewhere
+        pruner.b3.copy_(torch.from_numpy(np.stack([~start, start], -1).astype(np.float32)))
+    result = train_pruner(model_or_pipeline, target=ratio, num_steps=steps, sampler=sampler, graph=graph,
+                          guidance_scale=guidance_scale, labels=labels, prompts=prompts, conditions=conditions,
+                          seed=seed, pruner=pruner, progress=progress, **train_options)
+    if save_pruner is not None:
+        result.save_pruner(save_pruner)
+    trained = result.schedule(ratio)
+    scores = {"init": evaluate(start), "trained": evaluate(trained.table)}
+    selected = "trained" if scores["trained"] >= scores["init"] else "init"
+    table = trained.table if selected == "trained" else start
+    meta = {**trained.meta, "init": "grid", "init_full_steps": [int(s) for s in full], "selected": selected,
+            "init_ssim": scores["init"], "trained_ssim": scores["trained"], "ssim": scores[selected],
+            "n_samples": n_samples, "seed": seed}
+    return _from_table(graph, table, sampler, steps, model_hash, **meta)
 
 
 def _from_table(graph, table, sampler, steps, model_hash, **meta) -> Schedule:
