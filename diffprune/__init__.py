@@ -30,6 +30,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use (__getattr__)
+    from .capture import capture_rollout
     from .errors import DiffpruneError
     from .evaluate import evaluate
     from .models import build_graph

@@ -367,6 +367,12 @@ class ScheduleRuntime:
         cls = type(pipe)
 
         def __call__(pipe_self, *args, **kwargs):
+            if rt.schedule.grid is not None:  # the pipeline's loop visits its own grid, not the schedule's
+                raise DiffpruneError(
+                    f"this schedule owns its timestep grid ({rt.schedule.n_calls} denoiser calls over "
+                    f"{rt.schedule.n_visits} visits of a {rt.schedule.num_steps}-step rollout), which a diffusers "
+                    f"pipeline call cannot follow: generate with diffprune.sampling.generate(pipe, prompts, grid="
+                    f"schedule.grid, ...), capture_rollout, or `diffprune sample --schedule`")
             expected, asked = rt._pipeline_calls(cls, args, kwargs)
             if expected is not None and expected != rt._keep.shape[0]:
                 rt.schedule.check(n_calls=expected)
