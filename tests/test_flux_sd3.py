@@ -214,17 +214,15 @@ def test_flux_schedules_skip_blocks(flux_pipe, method):
     run = lambda: flux_pipe("a cat", num_inference_steps=4, guidance_scale=3.5, height=16, width=16,
                             generator=torch.Generator().manual_seed(0), output_type="pt").images
     dense = run()
+    gen = dict(num_steps=4, sampler="flow-euler", guidance_scale=3.5, height=16, width=16)
+    dense_loop = generate(flux_pipe, "a cat", **gen)
     with apply_schedule(flux_pipe, s):
         if s.grid is None:
             assert not torch.equal(run(), dense)
         else:  # whole-step reuse owns its grid: diffprune's own loop runs it, a pipeline call is refused
-            from diffprune.sampling import generate
             with pytest.raises(DiffpruneError, match="owns its timestep grid"):
                 run()
-            out = generate(flux_pipe, "a cat", num_steps=4, sampler="flow-euler", guidance_scale=3.5, height=16,
-                           width=16, grid=s.grid)
-            assert not torch.equal(out, generate(flux_pipe, "a cat", num_steps=4, sampler="flow-euler",
-                                                 guidance_scale=3.5, height=16, width=16))
+            assert not torch.equal(generate(flux_pipe, "a cat", grid=s.grid, **gen), dense_loop)
 
 
 def test_structural_pruning_says_it_does_not_cover_flux_or_sd3():

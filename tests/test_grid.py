@@ -276,3 +276,49 @@ def test_search_cli_folds_or_says_why_not(tmp_path):
     assert s.reuse is None and len(s.timesteps) == s.n_calls == 3 and s.meta["folded"]["exact"] is False
     r = run_cli("sample", "tiny-unet", "--schedule", out, "--per-class", "1", "--out", tmp_path / "x.png")
     assert r.returncode == 0, r.stderr
+
+
+def _fuzz_schedules(tmp_path, n, seed):
+    """Random mutations of schedule files (v2 with a grid, v2 with reuse, v1): each must end in a DiffpruneError or
+    a schedule that checks against the model or is refused by it with a DiffpruneError, and, when it fits, runs."""
+    from test_reliability import _mutate_doc, _mutate_text
+    model = _model("tiny-unet")
+    graph = build_graph(model)
+    noise, cond = _inputs(model, batch=1)
+    sources = [baselines.step_reuse_schedule(graph, 6, 0.5, model=model),
+               baselines.fewer_steps_schedule(graph, 6, 0.5, model=model),
+               Schedule.from_table(graph, baselines.deepcache_table(graph, 6, interval=2), sampler="ddim",
+                                   num_steps=6, model=model)]
+    docs = [s.to_dict() for s in sources]
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "s.json"
+    outcomes = {"refused": 0, "refused by the model": 0, "ran": 0}
+    for i in range(n):
+        doc = docs[i % len(docs)]
+        text = json.dumps(doc)
+        path.write_text(_mutate_text(text, rng) if i % 4 == 3 else json.dumps(_mutate_doc(doc, rng)))
+        try:
+            s = Schedule.load(path)
+            Schedule.from_dict(json.loads(s.to_json()))  # what loads also saves and loads again
+        except DiffpruneError:
+            outcomes["refused"] += 1
+            continue
+        try:
+            s.check(graph, model=model, sampler="ddim", num_steps=6)
+            with apply_schedule(model, s, graph=graph):
+                out = sample(model, 6, "ddim", noise=noise, grid=s.grid, **cond)
+        except DiffpruneError:
+            outcomes["refused by the model"] += 1
+            continue
+        assert torch.isfinite(out).all()
+        outcomes["ran"] += 1
+    assert outcomes["refused"] > n // 3 and outcomes["ran"] > 0, outcomes
+
+
+def test_fuzz_schedule_files(tmp_path):
+    _fuzz_schedules(tmp_path, 240, seed=0)
+
+
+@pytest.mark.slow
+def test_fuzz_schedule_files_many(tmp_path):
+    _fuzz_schedules(tmp_path, 2400, seed=1)

@@ -168,19 +168,22 @@ class UNet2DConditionAdapter(_UNetAdapter):
                      added_cond_kwargs=cond.get("added_cond_kwargs"), return_dict=False)[0]
 
 
+def _block_units(model, attr: str, granularity: str, branches: tuple) -> list[str]:
+    """Units of a stack of transformer blocks: each block (coarse), or each of its `branches` it has (fine)."""
+    _check_granularity(granularity)
+    names = []
+    for i, block in enumerate(getattr(model, attr)):
+        if granularity == "coarse":
+            names.append(f"{attr}.{i}")
+        else:
+            names.extend(f"{attr}.{i}.{k}" for k in branches if getattr(block, k, None) is not None)
+    return names
+
+
 class _TransformerAdapter(Adapter):
     def unit_names(self, model, granularity="coarse"):
-        _check_granularity(granularity)
-        names = []
-        for i, block in enumerate(model.transformer_blocks):
-            if granularity == "coarse":
-                names.append(f"transformer_blocks.{i}")
-                continue
-            # fine: each attention / feed-forward branch; the block still applies its norms and residuals
-            for key in ("attn1", "attn2", "ff"):
-                if getattr(block, key, None) is not None:
-                    names.append(f"transformer_blocks.{i}.{key}")
-        return names
+        # fine: each attention / feed-forward branch; the block still applies its norms and residuals
+        return _block_units(model, "transformer_blocks", granularity, ("attn1", "attn2", "ff"))
 
     def spatial_multiple(self, model):
         return model.config.patch_size
@@ -325,16 +328,8 @@ class SD3Adapter(_FlowTransformerAdapter):
     text_tokens = 333       # 77 CLIP + 256 T5 tokens, StableDiffusion3Pipeline's default
 
     def unit_names(self, model, granularity="coarse"):
-        _check_granularity(granularity)
-        names = []
-        for i, block in enumerate(model.transformer_blocks):
-            if granularity == "coarse":
-                names.append(f"transformer_blocks.{i}")
-                continue
-            # attn2: SD3.5's second (image-only) attention; ff_context: absent in the last, context-pre-only block
-            names.extend(f"transformer_blocks.{i}.{k}" for k in ("attn", "attn2", "ff", "ff_context")
-                         if getattr(block, k, None) is not None)
-        return names
+        # attn2: SD3.5's second (image-only) attention; ff_context: absent in the last, context-pre-only block
+        return _block_units(model, "transformer_blocks", granularity, ("attn", "attn2", "ff", "ff_context"))
 
     def spatial_multiple(self, model):
         return model.config.patch_size

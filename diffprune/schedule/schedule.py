@@ -291,9 +291,9 @@ class Schedule:
         if not isinstance(meta, dict):
             raise bad(f"\"meta\" must be an object, got {type(meta).__name__}")
         timesteps, visits, base_calls = d.get("timesteps"), d.get("visits"), d.get("base_calls")
-        if timesteps is not None and (not isinstance(timesteps, list) or not timesteps or not all(
-                isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) for t in timesteps)):
-            raise bad("\"timesteps\" must be null or a non-empty list of numbers")
+        if timesteps is not None and (not isinstance(timesteps, list) or not 0 < len(timesteps) <= MAX_STEPS + 1
+                                      or not all(_timestep_value(t) for t in timesteps)):
+            raise bad("\"timesteps\" must be null or a non-empty list of numbers (timesteps of the sampler)")
         if visits is not None and (not isinstance(visits, str) or not visits or set(visits) - {"c", "r"}):
             raise bad("\"visits\" must be null or a string of 'c' (call) and 'r' (reuse), one per visit")
         if base_calls is not None and (isinstance(base_calls, bool) or not isinstance(base_calls, int)):
@@ -333,6 +333,13 @@ def rollout_calls(sampler: str, steps: int) -> int:
     """Denoiser calls of a `steps`-step rollout of `sampler` (PLMS makes one more)."""
     from ..sampling import rollout_length
     return rollout_length(sampler, steps)
+
+
+def _timestep_value(t) -> bool:
+    """A number a sampler's timestep can be (JSON allows integers of any size)."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        return False
+    return abs(t) <= 1e6 if isinstance(t, int) else bool(np.isfinite(t)) and abs(t) <= 1e6
 
 
 def _canonical(sampler: str) -> str:
