@@ -322,3 +322,11 @@ def test_fuzz_schedule_files(tmp_path):
 @pytest.mark.slow
 def test_fuzz_schedule_files_many(tmp_path):
     _fuzz_schedules(tmp_path, 2400, seed=1)
+
+
+def test_bench_refuses_an_unwritable_json_before_timing(tmp_path):
+    blocker = tmp_path / "a-file"  # a directory that cannot exist (root can write anywhere else)
+    blocker.write_text("x")
+    r = run_cli("bench", "tiny-unet", "--device", "cpu", "--steps", "2", "--json", blocker / "b.json")
+    assert r.returncode == 2 and "cannot write --json" in r.stderr and "Traceback" not in r.stderr
+    assert "rollout" not in r.stdout  # nothing was timed

@@ -56,7 +56,7 @@ def run(args):
     from ..metrics import latency
     from ..models import build_graph
     from ..util import atomic_write_text, denoiser_of, positive_int
-    from ._common import default_guidance, load_for_sampling, load_schedule, resolve_device
+    from ._common import claim, default_guidance, load_for_sampling, load_schedule, resolve_device
 
     device = resolve_device(args.device)
     on_cpu = device == "cpu"
@@ -80,6 +80,8 @@ def run(args):
         raise DiffpruneError("--no-dense needs --schedule (otherwise there is nothing to time)")
 
     schedule = load_schedule(args.schedule)
+    if args.json:  # an unwritable place fails now, not after the timings
+        claim(args, args.json, "--json")
     steps = args.steps or (schedule.num_steps if schedule is not None else 50)
     sampler = args.sampler or (schedule.sampler if schedule is not None else "ddim")
     obj = load_for_sampling(args.model, device, dtype)
