@@ -199,6 +199,12 @@ class Pruner(nn.Module):
             raise DiffpruneError(f"{path}: not a readable safetensors file ({e})") from None
         meta = loads_json(text, f"{path} (pruner metadata)")
         if isinstance(meta, dict) and meta.get("format") == SCORES_FORMAT:  # what --save-pruner writes: the scores
+            bad = [k for k in ("n_calls", "n_units", "num_steps") if not _count(meta.get(k))]
+            bad += [k for k, kind in (("sampler", str), ("model_hash", str), ("units", list))
+                    if not isinstance(meta.get(k), kind)]
+            if bad:
+                raise DiffpruneError(f"{path}: a damaged pruner file ({', '.join(bad)} missing or wrong); write it "
+                                     f"again with --save-pruner")
             return ScoreTable.from_file(tensors, meta, path), meta
         if not isinstance(meta, dict) or meta.get("format") != PRUNER_FORMAT:
             raise DiffpruneError(f"{path} is not a DiP-GO pruner written by diffprune")
@@ -306,7 +312,10 @@ class DipGo:
         if meta.get("units") != graph.units or meta.get("model_hash") != architecture_hash(model):
             raise DiffpruneError(f"{path} was trained for another model or granularity "
                                  f"({meta.get('family')}, {meta.get('granularity')}); train one for this model")
-        for w in meta.get("warnings") or []:  # said again for every schedule thresholded from it
+        saved = meta.get("warnings") or []
+        if not isinstance(saved, list) or not all(isinstance(w, str) for w in saved):
+            raise DiffpruneError(f"{path}: a damaged pruner file ('warnings' is not a list of texts)")
+        for w in saved:  # said again for every schedule thresholded from it
             warnings.warn(f"{path}: {w}", stacklevel=2)
         return cls(pruner=pruner, graph=graph, sampler=meta["sampler"], num_steps=meta["num_steps"],
                    model_hash=meta["model_hash"], config={"loaded_from": str(path)},
@@ -510,6 +519,17 @@ def _state_due(done, iterations, every, time_due, procs, device) -> bool:
     return time_due
 
 
+_HISTORY_NUMBERS = ("loss", "consistency", "sparsity", "kept_macs", "grad_norm", "lr")
+
+
+def _history_row(row) -> bool:
+    """A logged iteration as train_pruner writes it (read back from a state file: checked before it is used)."""
+    return (isinstance(row, dict) and isinstance(row.get("iteration"), int)
+            and isinstance(row.get("sparsity_on"), bool)
+            and all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+                    and math.isfinite(row[k]) for k in _HISTORY_NUMBERS))
+
+
 def _save_state(path, pruner, opt, config, iteration, history):
     from safetensors.torch import save
     tensors = {f"pruner/{k}": v.detach().cpu().contiguous() for k, v in pruner.state_dict().items()}
@@ -555,7 +575,7 @@ def _load_state(path, pruner, opt, config, iterations):
     iteration = meta.get("iteration")
     if not (isinstance(iteration, int) and not isinstance(iteration, bool) and 0 <= iteration <= iterations
             and isinstance(meta.get("history"), list) and len(meta["history"]) == iteration
-            and all(isinstance(row, dict) for row in meta["history"]) and isinstance(meta.get("scalars"), dict)
+            and all(_history_row(row) for row in meta["history"]) and isinstance(meta.get("scalars"), dict)
             and isinstance(meta.get("param_groups"), list)):
         raise DiffpruneError(f"{path}: damaged state (iteration, history or optimizer state; or more iterations "
                              f"than the {iterations} asked for); {again}")
