@@ -9,7 +9,7 @@ Since format version 2 a schedule also owns its timestep grid (diffprune.grid): 
 sampler visits (None: the sampler's own `num_steps` grid; a base-grid timestep left out is dropped) and `reuse` marks
 the visits at which the sampler steps with the previous prediction without calling the denoiser. Table rows belong to
 the other visits, the denoiser calls. Fewer sampler steps, whole-step reuse and a searched grid are schedules of this
-one kind; `fold()` turns reused visits into drops where the two are the same rollout (DDIM, eta 0). `num_steps` stays
+one kind; `fold()` turns reused visits into drops where the two are the same rollout (DDIM, flow Euler). `num_steps` stays
 the step count of the dense rollout it is measured against, and a schedule is refused for another sampler or step
 count.
 
@@ -162,25 +162,10 @@ class Schedule:
         return 1.0 - self.macs(graph) / dense
 
     # ----- grids ---------------------------------------------------------------------------------------------
-    def with_reuse_for_dead_steps(self, graph: UnitGraph) -> "Schedule":
-        """The same rollout with every call that computes no unit (the cascade applied) turned into a reused visit:
-        the sampler steps with the previous prediction and the denoiser is not called at all. For a UNet this is
-        exactly today's result (its output layers only read the cached last block); a DiT's final AdaLN layer reads
-        the timestep, so there the reused prediction is the previous call's, not one recomputed at the new t."""
-        dead = ~np.stack([graph.live_units(row) for row in self.table]).any(axis=1)
-        dead[0] = False
-        if not dead.any():
-            return self
-        reuse = list(self.reuse) if self.reuse is not None else [False] * self.n_visits
-        calls = [v for v in range(self.n_visits) if not reuse[v]]
-        for row, v in enumerate(calls):
-            reuse[v] = bool(dead[row])
-        return dataclasses.replace(self, table=self.table[~dead], reuse=reuse, meta=dict(self.meta))
-
     def fold(self, scheduler=None, *, eta: float = 0.0, approximate: bool = False) -> "Schedule":
         """The schedule with every reused visit dropped: the sampler goes straight from the last computed timestep
-        to the next visited one. The same rollout for DDIM with eta 0 (refused elsewhere with the reason, unless
-        approximate=True). scheduler: the diffusers scheduler the rollout runs (a pipeline's); default the
+        to the next visited one. The same rollout for DDIM (eta 0, no x0 clipping) and flow-matching Euler (refused
+        elsewhere with the reason, unless approximate=True). scheduler: the diffusers scheduler the rollout runs (a pipeline's); default the
         sampler's training-schedule build (sampling.make_scheduler)."""
         from ..sampling import make_scheduler
         if self.reuse is None:
