@@ -161,8 +161,9 @@ class Bench:
         a = self.args
         lines = [f"# Real-size speed: {self.info['gpu'] or self.device}, torch {self.info['torch']}, "
                  f"{a.dtype}, random weights, batch 1 with CFG (denoiser batch 2)", "",
-                 "Rollout = the whole sampler loop (scheduler steps included). graph = denoiser calls replayed "
-                 "from CUDA graphs (one per distinct step pattern); eager beside it. Speedup = dense / this, same "
+                 "Rollout = the whole sampler loop (scheduler steps included). graph = the rollout captured: the "
+                 "whole loop as one CUDA graph where mode capture ran, else denoiser calls replayed from CUDA "
+                 "graphs (one per distinct step pattern); eager beside it. Speedup = dense / this, same "
                  "mode. MACs ideal = dense MACs / schedule MACs (cascade applied). 0.6 = DeepCache (uniform "
                  "interval, shallow branch), 0.8 = uniform whole-step reuse (diffprune.schedule.baselines).", "",
                  "| case | schedule | MACs red. | MACs ideal | graph ms | graph speedup | eager ms | eager speedup "
@@ -179,7 +180,9 @@ class Bench:
         cases = list(dict.fromkeys(r["case"] for r in self.rows if r["run"] != "call"))
         for case in cases:
             for kind in (*SCHEDULES, "dense*"):
-                g, e = by.get((case, kind, "graph")) or by.get((case, kind, "static")), by.get((case, kind, "eager"))
+                # the captured column: the whole rollout as one graph (capture), else per-pattern graphs (graph)
+                g = next((by[k] for m in ("capture", "graph", "static") if (k := (case, kind, m)) in by), None)
+                e = by.get((case, kind, "eager"))
                 if g is None and e is None:
                     continue
                 ref = g if g and "median_ms" in g else e if e and "median_ms" in e else None

@@ -268,3 +268,22 @@ def test_fine_schedules_on_the_bare_denoisers(name):
     with apply_schedule(model, Schedule.from_table(graph, table, sampler="flow-euler", num_steps=5, model=model)):
         skipped = sample(model, 5, "flow-euler", **kw)
     assert torch.isfinite(skipped).all() and not torch.equal(skipped, dense)
+
+
+def test_timed_rollouts_of_flux_agree_across_modes_at_any_size():
+    """bench's rollout timing of a guidance-distilled model: the guidance goes in as an input (not CFG mixing) and
+    FLUX's size-dependent shift follows the latent size, so eager, static and the captured loop run the same
+    rollout (at a size other than the model's default, where a plan without the size got another shift)."""
+    from diffprune.metrics import latency
+    config = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                  max_image_seq_len=4096)
+    model = zoo.load_model("tiny-flux").eval()
+    kw = dict(steps=4, sampler="flow-euler", guidance_scale=3.5, height=16, width=16, repeats=1, warmup=0,
+              scheduler_config=config, return_sample=True)
+    out = {mode: latency.time_rollout(model, mode=mode, **kw)["sample"] for mode in ("eager", "static", "capture")}
+    assert torch.equal(out["eager"], out["static"]) and torch.equal(out["eager"], out["capture"])
+    noise = torch.randn(1, *out["eager"].shape[1:], generator=torch.Generator().manual_seed(0))
+    cond = {k: v for k, v in latency._conditions(model, 1, False)[0].items() if k != "guidance"}
+    direct = sample(model, 4, "flow-euler", cond=cond, noise=noise,
+                    guidance_scale=3.5, scheduler=make_scheduler("flow-euler", config))
+    assert torch.allclose(direct, out["eager"], atol=1e-5)

@@ -284,11 +284,17 @@ def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim"
     x_call, cond = denoiser_inputs(model, batch, cfg, height, width)
     c, u = _conditions(model, batch, cfg)
     guidance = guidance_scale if cfg else 1.0
+    distilled = get_adapter(model).distilled_guidance(model)
+    if distilled:  # FLUX.1-dev: the scale is a model input the plan sets; the loop does no CFG mixing
+        c, guidance = {k: v for k, v in c.items() if k != "guidance"}, guidance_scale
     # the rollout exactly as sampling.sample() plans it (grid, conditioning, sampler settings), timesteps on the CPU
     plan = plan_rollout(model, steps, sampler, cond=c, uncond=u, batch=batch, guidance_scale=guidance,
+                        height=x_call.shape[-2], width=x_call.shape[-1],  # FLUX's shift reads the size
                         scheduler=make_scheduler(sampler, scheduler_config),
                         grid=schedule.grid if schedule is not None else None, timestep_device=None)
     template, reuse, n_calls = plan.scheduler, plan.reuse, plan.n_calls
+    if distilled:
+        cond = plan.model_cond  # the eager and per-pattern paths call the model with the plan's guidance input
     base_calls = len(set_grid(make_scheduler(sampler, scheduler_config), steps).timesteps)
     t_dtype = template.timesteps.dtype
     granularity = schedule.granularity if schedule is not None else "coarse"
@@ -366,7 +372,8 @@ def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim"
                 def predict(i, xin, t):
                     return denoise(next(calls), xin, t)
 
-                x = run_loop(sched, noise * sched.init_noise_sigma, predict, reuse=reuse, guidance_scale=guidance,
+                x = run_loop(sched, noise * sched.init_noise_sigma, predict, reuse=reuse,
+                             guidance_scale=plan.guidance_scale,
                              step_kwargs=plan.step_kwargs)
                 last[:] = [finish(model, x)]
 
