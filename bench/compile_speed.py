@@ -9,7 +9,8 @@ diffprune.metrics.latency.time_rollout (the same planned rollout, same noise):
   units             each unit (block) compiled on its own (torch.compile of its forward, inductor default mode;
                     "regional" compilation as diffusers' compile_repeated_blocks), the schedule runtime's per-step
                     decisions left in Python around them, the sampler loop eager;
-  units+capture     the same compiled units, the whole rollout captured as one graph;
+  units+capture     the same compiled units, the whole rollout captured as one graph (capture_rollout(...,
+                    compile_units=True), `sample --compile-units`);
   model             the whole denoiser compiled (nn.Module.compile), the loop eager;
   model-ro          the same with mode="reduce-overhead" (inductor's own CUDA graphs per call);
 for dense, DeepCache at about 0.6 (the runtime switches units per step: two step patterns) and the 0.8 whole-step
@@ -119,7 +120,7 @@ def main(argv=None):
         graph, run_graph = build_graph(model), build_graph(model, include_attention=True)
         scheds = schedules(graph, model, sampler, steps, config)
         for mode in args.modes.split(","):
-            how = {"capture": None, "units+capture": "units"}.get(mode, mode)
+            how = {"capture": None, "units+capture": None}.get(mode, mode)  # units+capture: the library's option
             timing_mode = "capture" if mode in ("capture", "units+capture") else "eager"
             for kind, sched in scheds.items():
                 row = {"case": label, "mode": mode, "schedule": kind}
@@ -133,7 +134,7 @@ def main(argv=None):
                     r = latency.time_rollout(model, sched, steps=steps, sampler=sampler, batch=batch, cfg=True,
                                              guidance_scale=guidance, mode=timing_mode, repeats=args.repeats,
                                              warmup=1, scheduler_config=config, graph=graph, run_graph=run_graph,
-                                             return_sample=True)
+                                             return_sample=True, compile_units=mode == "units+capture")
                     r["first_s"] = time.perf_counter() - t1 - r["median_ms"] * (args.repeats + 1) / 1e3
                     r["dynamo_graphs"] = graphs_compiled() - before
                 except Exception as e:  # a mode that fails is a result, not the end of the run

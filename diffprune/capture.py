@@ -32,22 +32,28 @@ STOCHASTIC = ("ddpm", "lcm")
 def capture_rollout(model_or_pipeline, schedule=None, *, steps: int | None = None, sampler: str | None = None,
                     batch: int = 1, guidance_scale: float = 1.0, labels=None, cond: dict | None = None,
                     uncond: dict | None = None, height: int | None = None, width: int | None = None,
-                    scheduler=None, strict: bool = True, mode: str | None = None) -> "CapturedRollout":
+                    scheduler=None, strict: bool = True, mode: str | None = None, graph=None,
+                    compile_units: bool = False) -> "CapturedRollout":
     """A callable that runs one whole rollout of `model_or_pipeline` (a denoiser or a pipeline, whose scheduler
     config is used) under `schedule` (None: dense): `rollout(noise)` or `rollout(seed=0)` returns the final sample
     (pixel models: images in [-1, 1]; latent models: latents), exactly what sampling.sample() returns for the same
     arguments. steps / sampler default to the schedule's (else 50 / ddim). labels / cond / uncond: the
     conditioning, as in sample(), fixed in shape; a call may pass new labels of the same shape. mode: "graph" (the
-    default on CUDA: one CUDA graph, captured here) or "eager" (the same loop without capture; any device)."""
+    default on CUDA: one CUDA graph, captured here) or "eager" (the same loop without capture; any device).
+    graph: the model's UnitGraph at the schedule's granularity (built when omitted). compile_units: compile each
+    unit's forward with torch.compile first (regional compilation: the schedule's per-step decisions stay in
+    Python around the compiled units, so the graph records fused kernels; costs a compilation of seconds to a
+    couple of minutes; bench/compile_speed.py measures what it buys)."""
     return CapturedRollout(model_or_pipeline, schedule, steps=steps, sampler=sampler, batch=batch,
                            guidance_scale=guidance_scale, labels=labels, cond=cond, uncond=uncond, height=height,
-                           width=width, scheduler=scheduler, strict=strict, mode=mode)
+                           width=width, scheduler=scheduler, strict=strict, mode=mode, graph=graph,
+                           compile_units=compile_units)
 
 
 class CapturedRollout:
     def __init__(self, model_or_pipeline, schedule=None, *, steps=None, sampler=None, batch=1, guidance_scale=1.0,
                  labels=None, cond=None, uncond=None, height=None, width=None, scheduler=None, strict=True,
-                 mode=None):
+                 mode=None, graph=None, compile_units=False):
         model = denoiser_of(model_or_pipeline)
         pipe = model_or_pipeline if model is not model_or_pipeline else None
         self.model, self.schedule, self.strict = model, schedule, strict
@@ -69,6 +75,13 @@ class CapturedRollout:
             raise DiffpruneError("a captured rollout (CUDA graph) needs the model on a CUDA device; on a CPU use "
                                  "mode='eager' (the same loop without capture) or plain sampling")
         self.mode = mode
+        if graph is None and (schedule is not None or compile_units):
+            from .models import build_graph
+            graph = build_graph(model, schedule.granularity if schedule is not None else "coarse")
+        self.graph_units = graph
+        # the compiled forwards live as long as the rollout: a captured graph replays their kernels
+        self._compiled = ({u: torch.compile(model.get_submodule(u).forward) for u in graph.units}
+                          if compile_units else {})
         if scheduler is None and pipe is not None:
             from .sampling import make_scheduler
             scheduler = make_scheduler(sampler, dict(pipe.scheduler.config))
@@ -93,7 +106,26 @@ class CapturedRollout:
         if self.schedule is None:
             return contextlib.nullcontext()
         from .schedule import apply_schedule
-        return apply_schedule(self.model, self.schedule, strict=self.strict)
+        return apply_schedule(self.model, self.schedule, graph=self.graph_units, strict=self.strict)
+
+    @contextlib.contextmanager
+    def _units_compiled(self):
+        """The compiled unit forwards installed as instance attributes (the schedule runtime's hooks, applied
+        inside, wrap them); whatever was there before is put back."""
+        saved = {}
+        try:
+            for name, fn in self._compiled.items():
+                mod = self.model.get_submodule(name)
+                saved[name] = mod.__dict__.get("forward")
+                mod.forward = fn
+            yield
+        finally:
+            for name, before in saved.items():
+                mod = self.model.get_submodule(name)
+                if before is None:
+                    mod.__dict__.pop("forward", None)
+                else:
+                    mod.forward = before
 
     def _loop(self) -> torch.Tensor:
         import copy
@@ -113,7 +145,7 @@ class CapturedRollout:
         return finish(model, x)
 
     def _capture(self):
-        with torch.inference_mode(), self._schedule_ctx():
+        with torch.inference_mode(), self._units_compiled(), self._schedule_ctx():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up off the capture stream (cuBLAS/cuDNN set-up, lazy caches)
@@ -131,7 +163,7 @@ class CapturedRollout:
         if self.mode == "graph":
             self.graph.replay()
             return self.out
-        with torch.inference_mode(), self._schedule_ctx():
+        with torch.inference_mode(), self._units_compiled(), self._schedule_ctx():
             self.out = self._loop()
         return self.out
 

@@ -224,6 +224,41 @@ def sample_flipped(model, s, sampler, noise, labels):
                       grid=s.grid if s is not None else None)
 
 
+def test_unit_graphs_are_traced_eagerly_on_a_compiled_model():
+    """Counting MACs and tracing the data flow run hooks on every module: on a compiled model (or compiled units)
+    dynamo must not trace them (it compiled the counting hooks and then failed on the provenance frozensets)."""
+    from torch._dynamo.utils import counters
+    model = _model("tiny-dit")
+    before = build_graph(model, include_attention=True)
+    for u in before.units:
+        unit = model.get_submodule(u)
+        unit.forward = torch.compile(unit.forward)
+    model.compile()
+    torch._dynamo.reset()
+    try:
+        after = build_graph(model, include_attention=True)
+        assert counters["stats"].get("unique_graphs", 0) == 0
+    finally:
+        model._compiled_call_impl = None
+        for u in before.units:
+            model.get_submodule(u).__dict__.pop("forward", None)
+    assert after.units == before.units and after.total_macs == before.total_macs
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on a CPU: about a minute
+def test_captured_rollout_with_compiled_units_equals_the_plain_one():
+    model = _model("tiny-dit")
+    graph = build_graph(model, "fine")
+    noise, cond = _inputs(model)
+    s = Schedule.from_table(graph, baselines.deepcache_table(graph, 10, interval=3), sampler="ddim", num_steps=10,
+                            model=model)
+    kw = dict(steps=10, sampler="ddim", batch=2, mode="eager", labels=cond["labels"], guidance_scale=2.0)
+    plain = capture_rollout(model, s, **kw)(noise)
+    compiled = capture_rollout(model, s, compile_units=True, **kw)
+    assert torch.allclose(compiled(noise), plain, atol=1e-4)
+    assert all("forward" not in model.get_submodule(u).__dict__ for u in graph.units)  # nothing left behind
+
+
 def test_captured_rollout_refuses_what_cannot_be_captured():
     model = _model("tiny-unet")
     with pytest.raises(DiffpruneError, match="draws fresh noise"):

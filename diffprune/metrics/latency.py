@@ -255,7 +255,8 @@ def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim"
                  cfg: bool = False, guidance_scale: float = 7.5, height: int | None = None,
                  width: int | None = None, mode: str = "eager", repeats: int = 5, warmup: int = 1,
                  scheduler_config: dict | None = None, seed: int = 0, graph=None, strict: bool = True,
-                 pattern_repeats: int = 10, return_sample: bool = False, run_graph=None) -> dict:
+                 pattern_repeats: int = 10, return_sample: bool = False, run_graph=None,
+                 compile_units: bool = False) -> dict:
     """End-to-end latency of one sampler rollout of `steps` steps at `batch` samples (the scheduler's steps,
     CFG arithmetic and every denoiser call included), dense or under `schedule` (a diffprune Schedule for this
     sampler and step count, possibly with its own timestep grid; strict=False accepts it for another architecture
@@ -269,7 +270,8 @@ def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim"
     over the rollout (denoiser_ms: the rollout minus it is the sampler's own time) and capture_s; in capture mode
     (the whole rollout as one CUDA graph, capture.py) capture_s. With return_sample=True the final latents of the
     last timed rollout come back under "sample" (every rollout starts from the same noise, so this checks that
-    modes and schedules agree).
+    modes and schedules agree). compile_units (capture mode): each unit compiled with torch.compile inside the
+    captured rollout (capture.capture_rollout).
     """
     import copy
 
@@ -279,6 +281,8 @@ def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim"
     model = denoiser_of(model)
     device = next(model.parameters()).device
     check_mode(mode, device)
+    if compile_units and mode != "capture":
+        raise DiffpruneError("compile_units applies to mode 'capture' (the whole rollout captured)")
     positive_int(steps, "steps")
     positive_int(repeats, "repeats")
     x_call, cond = denoiser_inputs(model, batch, cfg, height, width)
@@ -326,7 +330,8 @@ def time_rollout(model, schedule=None, *, steps: int = 50, sampler: str = "ddim"
                                        guidance_scale=guidance, cond=c, uncond=u,
                                        height=x_call.shape[-2], width=x_call.shape[-1],
                                        scheduler=make_scheduler(sampler, scheduler_config), strict=strict,
-                                       mode="graph" if device.type == "cuda" else "eager")
+                                       mode="graph" if device.type == "cuda" else "eager", graph=graph,
+                                       compile_units=compile_units)
             captured.noise.copy_(noise)
             extra["capture_s"] = time.perf_counter() - t0
             last = []

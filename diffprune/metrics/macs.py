@@ -91,7 +91,8 @@ def count_macs_by_module(model: nn.Module, run: Callable[[], Any], include_atten
             handles.append(mod.register_forward_pre_hook(pre(name)))
             handles.append(mod.register_forward_hook(post(name)))
         ctx = _count_sdpa(add_attention) if include_attention else contextlib.nullcontext()
-        with torch.no_grad(), ctx:
+        # counting hooks must see every call: never through torch.compile (a compiled model or compiled units)
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"), ctx:
             run()
     finally:
         for h in handles:

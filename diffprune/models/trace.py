@@ -87,7 +87,7 @@ def trace_dataflow(model: torch.nn.Module, unit_names: list[str], run: Callable[
             m = modules[n]
             handles.append(m.register_forward_pre_hook(pre(n), with_kwargs=True))
             handles.append(m.register_forward_hook(post(n), with_kwargs=True))
-        with torch.no_grad(), mode:
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"), mode:  # provenance needs eager tensors
             out = run()
         output_producers = set(mode.get(out))
     finally:
