@@ -86,9 +86,10 @@ def main(argv=None):
         w = first["macs_after"] / (1 - m1 / d) if args.mode == "both" else d
         pred = {n: (w - w / d * sum(u["macs"] for u in units[:n])) / d for n in range(1, n_units + 1)}
         n = min(pred, key=lambda k: abs(pred[k] - args.target))
-        for _ in range(3):
+        for _ in range(4):
             kept = attempt(n)[0]
-            step = 0 if kept is None else 1 if kept > args.target else -1
+            # a count that would empty a level is refused: try one unit fewer (it used to stop the search there)
+            step = -1 if kept is None else 1 if kept > args.target else -1
             if step == 0 or not 1 <= n + step <= n_units or n + step in tried:
                 break
             n += step

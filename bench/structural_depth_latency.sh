@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The latency half of bench/gpu_structural_depth.sh without the fine-tunes (a few minutes of one GPU): the same
+# pruned architectures (width / depth / both at the same widths and MACs targets), built with the magnitude
+# criterion (speed depends on the architecture, not on the weights; the units a criterion removes can differ, but
+# every fmnist-dit block costs the same), then `diffprune bench` of dense and each at batch 1 and 8 with CFG,
+# fp32, DDIM 50: one denoiser call and the whole rollout, captured (modes capture and graph).
+# Carry .carry (bench/pack_carry.sh):  OUT=$OUT/sdl bash bench/structural_depth_latency.sh
+# CPU smoke test: PYTHON=.venv/bin/python DEVICE=cpu BENCH_EXTRA="--steps 2 --repeats 1 --call-repeats 1 --warmup 0 --mode eager" LAT_BATCHES=1 OUT=/tmp/sdl bash bench/structural_depth_latency.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}; . bench/gpu_env.sh
+OUT=${OUT:-bench/results/structural_depth}; RUNS=${RUNS:-runs/structural-depth-latency}; mkdir -p "$OUT" "$RUNS"
+DEVICE=${DEVICE:-cuda}; LAT_BATCHES=${LAT_BATCHES:-1 8}; BENCH_EXTRA=${BENCH_EXTRA:---steps 50 --repeats 5}
+for m in fmnist-unet fmnist-dit; do
+  for v in width depth both; do
+    if [ "$m" = fmnist-unet ]; then target=0.553 wr=0.25 rule="--rule tp"; [ "$v" = both ] && wr=0.2 rule=""
+    else target=0.552 wr=0.45 rule=""; [ "$v" = both ] && wr=0.25; fi
+    [ -d "$RUNS/$m/prune-$v" ] || "$PY" bench/prune_to_macs.py "$m" --mode "$v" --ratio "$wr" --target "$target" $rule \
+      --criterion magnitude --device "$DEVICE" --out "$RUNS/$m/prune-$v" > "$RUNS/$m-$v-prune.log" 2>&1 \
+      || { echo "prune $m $v failed"; tail -3 "$RUNS/$m-$v-prune.log"; }
+  done
+  for v in dense width depth both; do
+    src=$RUNS/$m/prune-$v; [ "$v" = dense ] && src=$m
+    [ "$v" = dense ] || [ -d "$src" ] || continue
+    for b in $LAT_BATCHES; do
+      # shellcheck disable=SC2086
+      "$PY" -m diffprune bench "$src" --device "$DEVICE" --dtype fp32 --cfg --guidance 2 --batch "$b" $BENCH_EXTRA \
+        --json "$RUNS/$m-$v-b$b.json" > "$RUNS/$m-$v-b$b.log" 2>&1 || echo "bench $m $v b$b failed"
+    done
+  done
+done
+"$PY" - "$RUNS" "$OUT" <<'PYEOF'
+import glob, json, os, sys
+runs, out = sys.argv[1:]
+lines = ["| model | variant | MACs kept | batch | call ms (graph) | rollout ms (capture) | speedup (rollout) |",
+         "|---|---|---|---|---|---|---|"]
+rows, dense = [], {}
+for m in ("fmnist-unet", "fmnist-dit"):
+    for v in ("dense", "width", "depth", "both"):
+        rep = {}
+        try:
+            rep = json.load(open(f"{runs}/{m}/prune-{v}/prune_report.json"))
+        except (OSError, ValueError):
+            pass
+        kept = rep["macs_after"] / rep["macs_before"] if rep else 1.0
+        for f in sorted(glob.glob(f"{runs}/{m}-{v}-b*.json")):
+            b = int(f.rsplit("-b", 1)[1][:-5])
+            res = json.load(open(f)).get("results", [])
+            call = next((r["median_ms"] for r in res if r.get("what") == "call" and r.get("mode") == "graph"), None)
+            roll = next((r["median_ms"] for r in res if r.get("what") == "rollout" and r.get("mode") == "capture"
+                         and not r.get("schedule")), None)
+            if v == "dense":
+                dense[(m, b)] = roll
+            d = dense.get((m, b))
+            rows.append({"model": m, "variant": v, "macs_kept": kept, "batch": b, "call_ms": call, "rollout_ms": roll})
+            fmt = lambda x, f: "-" if x is None else format(x, f)
+            lines.append(f"| {m} | {v} | {kept:.3f} | {b} | {fmt(call, '.3f')} | {fmt(roll, '.2f')} | "
+                         f"{fmt(d / roll if d and roll else None, '.2f')}x |")
+json.dump(rows, open(os.path.join(out, "latency.json"), "w"), indent=1)
+open(os.path.join(out, "latency.md"), "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PYEOF
