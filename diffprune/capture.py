@@ -18,11 +18,14 @@ step (ddpm, lcm, DDIM with eta > 0) are refused: their noise would be frozen int
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
 from .errors import DiffpruneError
-from .sampling import canonical_sampler, finish, make_noise, plan_rollout, run_loop
+from .sampling import (canonical_sampler, finish, make_noise, make_scheduler, notify_rollout_start, plan_rollout,
+                       run_loop)
+from .schedule import apply_schedule
 from .util import denoiser_of, positive_int
 
 MODES = ("graph", "eager")
@@ -70,7 +73,6 @@ class CapturedRollout:
                                  "mode='eager' (the same loop without capture) or plain sampling")
         self.mode = mode
         if scheduler is None and pipe is not None:
-            from .sampling import make_scheduler
             scheduler = make_scheduler(sampler, dict(pipe.scheduler.config))
         self.steps, self.sampler = steps, sampler
         self.plan = plan_rollout(model, steps, sampler, labels=labels, batch=batch, cond=cond, uncond=uncond,
@@ -92,13 +94,9 @@ class CapturedRollout:
     def _schedule_ctx(self):
         if self.schedule is None:
             return contextlib.nullcontext()
-        from .schedule import apply_schedule
         return apply_schedule(self.model, self.schedule, strict=self.strict)
 
     def _loop(self) -> torch.Tensor:
-        import copy
-
-        from .sampling import notify_rollout_start
         plan, model = self.plan, self.model
         sched = copy.deepcopy(self._template)
 

@@ -375,7 +375,7 @@ def _latencies(variants, art, s: DemoSettings, graphs, progress):
     of load from other processes slows them alike instead of skewing whichever variant it hits."""
     from tqdm.auto import tqdm
 
-    from .metrics.latency import time_rollout
+    from .latency import time_rollout
     mode = "graph" if s.device.startswith("cuda") else "eager"
     todo = [v for v in variants if v["available"]]
     times = {v["key"]: [] for v in todo}

@@ -187,7 +187,7 @@ def plan_rollout(model, num_steps: int, sampler: str = "ddim", *, labels=None, b
     gen = torch.Generator().manual_seed(seed)
     # the loop's guidance: 1 (no doubled batch) for a guidance-distilled model, whose scale is an input
     return RolloutPlan(adapter=adapter, device=device, dtype=dtype, scheduler=sched, reuse=reuse,
-                       model_cond=_cat(uncond, cond) if guided else cond, batch=n,
+                       model_cond=concat_conditions(uncond, cond) if guided else cond, batch=n,
                        guidance_scale=guidance_scale if guided else 1.0, step_kwargs=_step_kwargs(sched, eta, gen),
                        generator=gen)
 
@@ -403,14 +403,14 @@ def _to(d, device, dtype):
     return out
 
 
-def _cat(a: dict, b: dict) -> dict:
+def concat_conditions(a: dict, b: dict) -> dict:
     """[a; b] along the batch for every tensor in two kwargs dicts of the same structure."""
     if set(a) != set(b):
         raise DiffpruneError(f"cond and uncond must have the same keys, got {sorted(b)} and {sorted(a)}")
     out = {}
     for k in a:
         if isinstance(a[k], dict):
-            out[k] = _cat(a[k], b[k])
+            out[k] = concat_conditions(a[k], b[k])
         elif torch.is_tensor(a[k]):
             out[k] = torch.cat([a[k], b[k]])
         else:

@@ -39,6 +39,7 @@ import torch
 from .distributed import local_share
 from .errors import DiffpruneError
 from .models import get_adapter
+from .sampling import make_scheduler, sample
 from .util import atomic_write_bytes, atomic_write_text, output_directory, read_json
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -184,7 +185,6 @@ def _flag(name: str) -> str:
 
 def alphas_cumprod() -> torch.Tensor:
     """alphas_cumprod (float32, 1000) of the DDPM training schedule, from the same scheduler the samplers use."""
-    from .sampling import make_scheduler
     return make_scheduler("ddpm").alphas_cumprod.to(torch.float32).clone()
 
 
@@ -891,7 +891,6 @@ def _ema_copy(model, ema, params):
 def _write_grid(model, path: Path, config: TrainConfig, per_class: int = 10):
     """A grid of samples (rows: classes, for class-conditional models) with DDIM and classifier-free guidance,
     through diffprune.sampling.sample. Only for 1- or 3-channel (pixel) models."""
-    from .sampling import sample
     c = model.config.in_channels
     if c not in (1, 3):
         return

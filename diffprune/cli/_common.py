@@ -118,7 +118,7 @@ def estimate_seconds(model, *, calls: int, batch: int, guided: bool) -> float:
     """Seconds that `calls` denoiser calls at `batch` samples (doubled under guidance) should take on this
     machine, from the median of three calls timed after two warm-up calls (the first calls run slow): said before
     a long job starts, not after."""
-    from ..metrics.latency import time_denoiser_call
+    from ..latency import time_denoiser_call
     r = time_denoiser_call(model, batch, cfg=guided, repeats=3, warmup=2)
     return calls * r["median_ms"] / 1e3
 

@@ -76,8 +76,8 @@ def run(args):
     labels, rows = None, None
     if args.compile and not str(args.device).startswith("cuda"):
         raise DiffpruneError("--compile captures the rollout as a CUDA graph and needs --device cuda")
-    from ..evaluate import _schedule_ctx
-    with _schedule_ctx(obj, schedule) if not args.compile else contextlib.nullcontext():
+    from ..evaluate import schedule_context
+    with schedule_context(obj, schedule) if not args.compile else contextlib.nullcontext():
         if obj is not model:  # a pipeline
             if not args.prompt:
                 raise DiffpruneError("a pipeline needs at least one --prompt")

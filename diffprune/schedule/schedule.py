@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import DiffpruneError
 from ..grid import Grid, base_timesteps, fold_reason
 from ..models import GRANULARITIES, UnitGraph, architecture_hash
+from ..sampling import canonical_sampler, make_scheduler, rollout_length
 from ..util import atomic_write_text, read_json
 
 FORMAT = "diffprune-schedule"
@@ -167,7 +168,6 @@ class Schedule:
         to the next visited one. The same rollout for DDIM (eta 0, no x0 clipping) and flow-matching Euler (refused
         elsewhere with the reason, unless approximate=True). scheduler: the diffusers scheduler the rollout runs (a pipeline's); default the
         sampler's training-schedule build (sampling.make_scheduler)."""
-        from ..sampling import make_scheduler
         if self.reuse is None:
             return self
         sched = scheduler if scheduler is not None else make_scheduler(self.sampler)
@@ -316,7 +316,6 @@ class Schedule:
 
 def rollout_calls(sampler: str, steps: int) -> int:
     """Denoiser calls of a `steps`-step rollout of `sampler` (PLMS makes one more)."""
-    from ..sampling import rollout_length
     return rollout_length(sampler, steps)
 
 
@@ -328,7 +327,6 @@ def _timestep_value(t) -> bool:
 
 
 def _canonical(sampler: str) -> str:
-    from ..sampling import canonical_sampler
     return canonical_sampler(sampler)
 
 

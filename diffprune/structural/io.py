@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import DiffpruneError
-from ..util import atomic_write_text, output_directory, read_json
+from ..models import get_adapter
+from ..util import atomic_write_text, output_directory, read_json, umask
 from . import depth
 
 FORMAT = "diffprune-pruned"
@@ -211,7 +212,6 @@ def _atomic_save_file(tensors: dict, path: Path):
 
     from safetensors.torch import save_file
 
-    from ..util import umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -334,7 +334,6 @@ def _check_layer_spec(name: str, spec, base_module, path: Path):
 
 def _remove_units(model, removed: dict):
     """Replace the named units' modules by depth.Skipped, refusing anything that is not a removable unit."""
-    from ..models import get_adapter
     adapter = get_adapter(model)
     units = set(adapter.unit_names(model, "fine")) | set(adapter.unit_names(model, "coarse"))
     modules = dict(model.named_modules())

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DiffpruneError
-from ..metrics.macs import count_macs_by_module
+from ..models.macs import count_macs_by_module
 from ..models import count_params, get_adapter
 from ..util import ratio as check_ratio
 from . import depth, fixups
@@ -414,7 +414,7 @@ def _odd_widths(plans) -> str:
 
 
 def count_macs(model, adapter, x, t, cond) -> int:
-    """MACs of one call under diffprune's counter (metrics.macs; equal to build_graph(...).total_macs), run on
+    """MACs of one call under diffprune's counter (models.macs; equal to build_graph(...).total_macs), run on
     fake tensors: shapes only, so an SD-size UNet is counted in about a second on a CPU."""
     return int(sum(macs_by_module(model, adapter, x, t, cond).values()))
 

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import DiffpruneError
+from ..models import get_adapter
+from ..sampling import make_scheduler
+from ..util import atomic_write_bytes
 
 # Stable Diffusion's training schedule; the pixel models and DiT use the DDPM one (sampling.make_scheduler("ddpm")).
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -61,8 +64,6 @@ class TimestepReport:
 def alphas_cumprod_for(model, scheduler_config: dict | None = None) -> torch.Tensor:
     """The training noise schedule of `model`: the given (pipeline) scheduler config, else SD's for text UNets
     and the DDPM linear 1e-4..0.02 schedule for everything else."""
-    from ..models import get_adapter
-    from ..sampling import make_scheduler
     if scheduler_config is None and get_adapter(model).family == "unet2d-condition":
         scheduler_config = SD_SCHEDULE
     return make_scheduler("ddpm", scheduler_config).alphas_cumprod.to(torch.float32).clone()
@@ -75,7 +76,6 @@ def accumulate_gradients(model, images: torch.Tensor, cond: dict, threshold: flo
     `images` is the fixed clean batch (model space: pixels or latents), `cond` the adapter conditioning for it.
     The model is put in eval() mode (dropout off) while scoring and restored afterwards.
     """
-    from ..models import get_adapter
     threshold = check_threshold(threshold)
     adapter = get_adapter(model)
     device = next(model.parameters()).device
@@ -135,7 +135,6 @@ def plot_losses(report: TimestepReport, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..util import atomic_write_bytes
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     ts = list(range(len(report.losses)))
     ax.plot(ts, report.losses, lw=1.2, label="$L_t$ (fixed batch, fixed noise)")
