@@ -478,8 +478,8 @@ def timestep_curve(model, s: DemoSettings) -> dict:
     otherwise computed here on a reduced set of timesteps and images, forward only, and said so."""
     import torch
 
-    from .structural.timesteps import alphas_cumprod_for, should_stop
-    from .train import add_noise
+    from .noise import add_noise, alphas_cumprod as alphas_cumprod_for
+    from .structural.timesteps import should_stop
     meta = _pruned_meta()
     threshold, threshold_source = pruned_threshold(meta)
     recorded = meta.get("timesteps")

@@ -18,7 +18,7 @@ LAYERS = [
     ["diffprune", "diffprune.errors", "diffprune.util", "diffprune.distributed", "diffprune.data"],
     ["diffprune.models"],                                           # units, graph, MACs
     ["diffprune.metrics"],                                          # quality of images, no model involved
-    ["diffprune.grid", "diffprune.sampling", "diffprune.images"],  # one rollout
+    ["diffprune.grid", "diffprune.sampling", "diffprune.noise", "diffprune.images"],  # one rollout; the forward process
     ["diffprune.schedule", "diffprune.structural", "diffprune.train"],  # the methods
     ["diffprune.capture", "diffprune.zoo"],                         # whole rollouts captured; named models
     ["diffprune.evaluate", "diffprune.evaluate_text", "diffprune.latency"],  # measuring rollouts

@@ -200,7 +200,7 @@ def test_train_stopped_before_its_first_checkpoint_starts_over(tmp_path, monkeyp
     def killed(path, step, *a):
         raise SystemExit("killed")  # after the first loss row, before any checkpoint
     with monkeypatch.context() as m:
-        m.setattr(train, "_append_log", killed)
+        m.setattr(train.logs, "append", killed)
         with pytest.raises(SystemExit):
             main([*args, "--steps", "1000"])
     assert (out / "train_config.json").exists() and not (out / "checkpoint").exists()
@@ -249,8 +249,8 @@ def test_train_refuses_a_foreign_directory_truthfully(tmp_path, capsys):
 def test_train_checkpoints_by_time_as_well_as_by_steps(tmp_path, monkeypatch):
     from diffprune import train
     saved = []
-    real = train._save_checkpoint
-    monkeypatch.setattr(train, "_save_checkpoint", lambda root, step, *a: (saved.append(step), real(root, step, *a)))
+    real = train.checkpoint.save
+    monkeypatch.setattr(train.checkpoint, "save", lambda root, step, *a: (saved.append(step), real(root, step, *a)))
     x = torch.rand(16, 1, 8, 8) * 2 - 1
     y = torch.arange(16) % 10
 

@@ -49,19 +49,17 @@ def add_parser(sub):
 
 def run(args):
     from ..errors import DiffpruneError
-    from ..structural.io import META_FILE
-    from ..util import read_json
+    from ..structural.io import META_FILE, is_pruned, read_meta
     from . import build_parser
     from . import train as train_cli
 
     path = Path(args.model)
-    if not (path / META_FILE).is_file():
+    if not is_pruned(path):
         raise DiffpruneError(f"{args.model} is not a pruned model directory (no {META_FILE}); prune one with "
                              f"`diffprune prune`, or fine-tune other models with `diffprune train`")
     teacher = args.teacher
     if args.distill and not teacher:
-        doc = read_json(path / META_FILE)
-        meta = doc.get("meta") if isinstance(doc, dict) else None
+        meta = read_meta(path).get("meta")
         teacher = meta.get("source") if isinstance(meta, dict) else None
         if not teacher:
             raise DiffpruneError(f"{args.model} does not record the dense model it was pruned from; "

@@ -124,11 +124,11 @@ def _announce_walk(args, model, scheduler_config):
     from .. import zoo
     from ..structural.importance import GRADIENT_CRITERIA
     from ..structural.calibration import default_batch_size
-    from ..structural.timesteps import alphas_cumprod_for
+    from ..noise import alphas_cumprod
     from ._common import duration, estimate_seconds
     if args.criterion not in GRADIENT_CRITERIA:
         return
-    n = len(alphas_cumprod_for(model, scheduler_config))
+    n = len(alphas_cumprod(model, scheduler_config))
     batch = args.batch or default_batch_size(model)
     walk = (f"from t=0 until L_t < {args.threshold:g} x its running max, at most {n} timesteps"
             if args.criterion == "diff-pruning" and args.threshold > 0 else f"over all {n} timesteps")

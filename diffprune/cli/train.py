@@ -181,8 +181,8 @@ def _load_model(spec: str):
     if not hasattr(model, "named_parameters"):
         raise DiffpruneError(f"{spec}: not a denoiser model")
     save_fn = None
-    if (path / "diffprune_pruned.json").exists():
-        from ..structural.io import save_pruned
+    from ..structural.io import is_pruned, save_pruned
+    if is_pruned(path):
         save_fn = save_pruned
     return model, False, save_fn
 

@@ -224,7 +224,14 @@ def _atomic_save_file(tensors: dict, path: Path):
         raise
 
 
-def _read_meta(directory: Path) -> dict:
+def is_pruned(directory) -> bool:
+    """Whether `directory` holds a pruned model (its META_FILE), without reading it."""
+    return (Path(directory) / META_FILE).is_file()
+
+
+def read_meta(directory) -> dict:
+    """The checked contents of a pruned model's META_FILE; DiffpruneError when it is missing or not one."""
+    directory = Path(directory)
     path = directory / META_FILE
     try:
         doc = read_json(path)
@@ -362,7 +369,7 @@ def load_pruned(directory, dtype: torch.dtype | None = None):
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
     directory = Path(directory)
-    doc = _read_meta(directory)
+    doc = read_meta(directory)
     meta_path = directory / META_FILE
     path = _weights_path(directory, doc)
     header = _read_header(path)

@@ -32,13 +32,14 @@ import torch
 import torch.nn as nn
 
 from ..errors import DiffpruneError
-from ..models.macs import count_macs_by_module
 from ..models import count_params, get_adapter
+from ..models.macs import count_macs_by_module
+from ..noise import alphas_cumprod
 from ..util import ratio as check_ratio
 from . import depth, fixups
 from .calibration import CalibrationBatch, calibration_batch
 from .importance import GRADIENT_CRITERIA, check_criterion, group_scores
-from .timesteps import accumulate_gradients, alphas_cumprod_for, check_threshold
+from .timesteps import accumulate_gradients, check_threshold
 
 SUPPORTED_FAMILIES = ("unet2d", "unet2d-condition", "dit")
 RULES = ("paper", "tp")
@@ -336,7 +337,7 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
             recorder = depth.record_unit_scores(model, units) if units else contextlib.nullcontext({})
             with recorder as unit_scores:
                 ts = accumulate_gradients(model, batch_data.images, batch_data.cond, t,
-                                          alphas_cumprod=alphas_cumprod_for(model, scheduler_config), seed=seed,
+                                          alphas_cumprod=alphas_cumprod(model, scheduler_config), seed=seed,
                                           progress=progress)
             unit_scores = {k: abs(float(v)) for k, v in unit_scores.items()}
             report["calibration"] = batch_data.describe()

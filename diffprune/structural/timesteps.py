@@ -17,13 +17,8 @@ from tqdm.auto import tqdm
 
 from ..errors import DiffpruneError
 from ..models import get_adapter
-from ..sampling import make_scheduler
+from ..noise import add_noise
 from ..util import atomic_write_bytes
-
-# Stable Diffusion's training schedule; the pixel models and DiT use the DDPM one (sampling.make_scheduler("ddpm")).
-SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                   prediction_type="epsilon")
-
 
 def check_threshold(threshold: float) -> float:
     t = float(threshold)
@@ -61,14 +56,6 @@ class TimestepReport:
         return dataclasses.asdict(self)
 
 
-def alphas_cumprod_for(model, scheduler_config: dict | None = None) -> torch.Tensor:
-    """The training noise schedule of `model`: the given (pipeline) scheduler config, else SD's for text UNets
-    and the DDPM linear 1e-4..0.02 schedule for everything else."""
-    if scheduler_config is None and get_adapter(model).family == "unet2d-condition":
-        scheduler_config = SD_SCHEDULE
-    return make_scheduler("ddpm", scheduler_config).alphas_cumprod.to(torch.float32).clone()
-
-
 def accumulate_gradients(model, images: torch.Tensor, cond: dict, threshold: float, *,
                          alphas_cumprod: torch.Tensor, seed: int = 0, progress: bool = True) -> TimestepReport:
     """Backward the per-timestep loss of the selected timesteps into the parameters' .grad (summed).
@@ -94,9 +81,8 @@ def accumulate_gradients(model, images: torch.Tensor, cond: dict, threshold: flo
     bar = tqdm(range(n_steps), desc="accumulating gradients over timesteps", disable=not progress, leave=False)
     try:
         for t in bar:
-            a = acp[t]
-            x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(dtype)
             tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
+            x_t = add_noise(x0, noise, tt, acp).to(dtype)
             pred = adapter.predict_noise(model, x_t, tt, cond)
             loss = F.mse_loss(pred.float(), noise.float())
             value = float(loss.detach())

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DiffpruneError
-from ..structural.io import META_FILE, load_pruned
+from ..structural.io import is_pruned, load_pruned
 from ..util import own_storage, read_json
 from .configs import CONFIGS, random_model
 from .pipelines import PIPELINES
@@ -63,7 +63,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
     if not p.is_dir():
         raise DiffpruneError(f"{path} is a file; point at a diffusers model or pipeline directory")
     import diffusers
-    if (p / META_FILE).exists():  # a pruned model: rebuilt module + safetensors
+    if is_pruned(p):  # a pruned model: rebuilt module + safetensors
         return load_pruned(p, dtype=dtype)
     if (p / "model_index.json").exists():
         try:
