@@ -20,6 +20,7 @@ from .metrics import classifier, quality
 from .models import build_graph, count_params, get_adapter
 from .sampling import make_noise, rollout_length, sample
 from .schedule import apply_schedule
+from .tables import format_table  # noqa: F401  (its old home: scripts import it from here)
 from .util import positive_int
 
 
@@ -133,20 +134,6 @@ def evaluate(model, *, schedule=None, reference_model=None, reference_images: to
         p = quality.psnr(images, reference_images, reduction="none")
         result["psnr_to_reference"] = float(torch.nan_to_num(p, posinf=100.0).mean())
     return result, images
-
-
-def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """Markdown table; columns are (key, header, format)."""
-    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    lines = [head, sep]
-    for r in rows:
-        cells = []
-        for key, _, fmt in columns:
-            v = r.get(key)
-            cells.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 METRIC_COLUMNS = [("name", "model", ""), ("run_macs_ratio", "FLOPs run ratio", ".3f"),

@@ -15,13 +15,16 @@ ROOT = Path(__file__).resolve().parents[1] / "diffprune"
 # lowest first; a module belongs to the longest entry that is a prefix of its dotted name
 LAYERS = [
     # the root __init__ imports nothing at run time (its lazy loader resolves names on first use)
-    ["diffprune", "diffprune.errors", "diffprune.util", "diffprune.distributed", "diffprune.data"],
+    ["diffprune", "diffprune.errors", "diffprune.util", "diffprune.distributed", "diffprune.data",
+     "diffprune.figures", "diffprune.tables"],
     ["diffprune.models"],                                           # units, graph, MACs
     ["diffprune.metrics"],                                          # quality of images, no model involved
     ["diffprune.grid", "diffprune.sampling", "diffprune.noise", "diffprune.images"],  # one rollout; the forward process
     ["diffprune.schedule", "diffprune.structural", "diffprune.train"],  # the methods
     ["diffprune.capture", "diffprune.zoo"],                         # whole rollouts captured; named models
-    ["diffprune.evaluate", "diffprune.evaluate_text", "diffprune.latency"],  # measuring rollouts
+    # measuring rollouts; samples to look at; a training run as the commands start it (models by zoo name)
+    ["diffprune.evaluate", "diffprune.evaluate_text", "diffprune.latency", "diffprune.gallery",
+     "diffprune.train.run"],
     ["diffprune.demo", "diffprune.demo_report"],
     ["diffprune.cli", "diffprune.__main__"],
 ]
@@ -181,3 +184,20 @@ def test_the_checks_catch_a_bad_import(tmp_path, monkeypatch, bad, expected):
         except AssertionError as e:
             messages.append(str(e))
     assert any(expected in m and "diffprune.metrics.fake" in m for m in messages), messages
+
+
+def test_public_api_is_visible_to_tools():
+    """The lazy loader's names, its `__all__` and its TYPE_CHECKING imports (what IDEs and type checkers read)
+    are the same set, and each name loads from the module the loader names."""
+    import importlib
+
+    import diffprune
+    tree = ast.parse((ROOT / "__init__.py").read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))
+    seen = {}
+    for node in block.body:
+        for alias in node.names:
+            seen[alias.name] = "diffprune." + node.module
+    assert seen == diffprune._EXPORTS and sorted(seen) == diffprune.__all__
+    for name, module in seen.items():
+        assert getattr(diffprune, name) is getattr(importlib.import_module(module), name)

@@ -130,9 +130,9 @@ def test_search_refuses_an_unwritable_output_before_any_work(tmp_path, capsys, m
 
 def test_eval_and_sample_refuse_an_unwritable_output_before_sampling(tmp_path, capsys, monkeypatch):
     import diffprune.evaluate
-    import diffprune.sampling
+    import diffprune.gallery  # what `diffprune sample` draws with
     monkeypatch.setattr(diffprune.evaluate, "evaluate", lambda *a, **k: pytest.fail("the work started"))
-    monkeypatch.setattr(diffprune.sampling, "sample", lambda *a, **k: pytest.fail("the work started"))
+    monkeypatch.setattr(diffprune.gallery, "sample", lambda *a, **k: pytest.fail("the work started"))
     (tmp_path / "f").write_text("x")
     assert main(["eval", "tiny-unet", "--n", "2", "--steps", "2", "--json", str(tmp_path / "f" / "m.json")]) == 2
     assert main(["sample", "tiny-unet", "--steps", "2", "--out", str(tmp_path / "f" / "g.png")]) == 2

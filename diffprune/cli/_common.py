@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import resolve_device  # noqa: F401  (the commands take it from here)
+from ..distributed import resolve_device
 from ..errors import DiffpruneError
 
 

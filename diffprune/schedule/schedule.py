@@ -30,7 +30,7 @@ from ..errors import DiffpruneError
 from ..grid import Grid, base_timesteps, fold_reason
 from ..models import GRANULARITIES, UnitGraph, architecture_hash
 from ..sampling import canonical_sampler, make_scheduler, rollout_length
-from ..util import atomic_write_text, read_json
+from ..util import atomic_write_text, json_safe, read_json
 
 FORMAT = "diffprune-schedule"
 VERSION = 2
@@ -237,7 +237,7 @@ class Schedule:
                 "visits": None if self.reuse is None else "".join("r" if r else "c" for r in self.reuse),
                 "n_calls": self.n_calls,
                 "table": ["".join("1" if k else "0" for k in row) for row in self.table],
-                "meta": _plain(self.meta)}
+                "meta": json_safe(self.meta)}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "schedule") -> "Schedule":
@@ -332,19 +332,6 @@ def _canonical(sampler: str) -> str:
 
 def _short(names, n=4):
     return "[" + ", ".join(names[:n]) + (f", ... ({len(names)} in all)]" if len(names) > n else "]")
-
-
-def _plain(obj):
-    """meta made JSON-safe (numpy scalars and arrays become Python values)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def collapse_report(schedule_or_table, graph: UnitGraph) -> dict:

@@ -17,6 +17,9 @@ that silently computes something else. Files written before the hash existed loa
 A depth-pruned model also lists its removed units (module name -> the hidden width a removed up-block resnet passes
 on, or null): they are rebuilt as depth.Skipped, and only modules that are units of the model may be named there
 (format version 2; version 1 files, with no removed units, still load).
+
+Why one room of ~500 lines: the writer and the reader of one untrusted format, each check beside the field it
+checks; split, the two halves would have to agree on every field through a third file.
 """
 from __future__ import annotations
 

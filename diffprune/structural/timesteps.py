@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import DiffpruneError
+from ..figures import pyplot, save_figure
 from ..models import get_adapter
 from ..noise import add_noise
-from ..util import atomic_write_bytes
 
 def check_threshold(threshold: float) -> float:
     t = float(threshold)
@@ -115,13 +115,7 @@ def _to(obj, device, dtype):
 
 def plot_losses(report: TimestepReport, path) -> None:
     """PNG of L_t against t with the stopping level T * L_max and the selected range marked."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(6, 3.6), dpi=120)
     ts = list(range(len(report.losses)))
     ax.plot(ts, report.losses, lw=1.2, label="$L_t$ (fixed batch, fixed noise)")
     if report.threshold > 0:
@@ -141,7 +135,4 @@ def plot_losses(report: TimestepReport, path) -> None:
     ax.legend(fontsize=7)
     ax.set_title("Diff-Pruning timestep selection", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)

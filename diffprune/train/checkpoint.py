@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from ..errors import DiffpruneError
-from ..util import atomic_write_text, read_json
+from ..util import atomic_write_text, json_safe, read_json
 
 FORMAT = 1  # checkpoint format version
-
 
 
 class Generators:
@@ -126,7 +125,7 @@ def unb64(s: str) -> torch.Tensor:
 
 def _rng_state(gens: Generators) -> dict:
     np_state = np.random.get_state()
-    state = {"python": _jsonable(random.getstate()),
+    state = {"python": json_safe(random.getstate()),
              "numpy": [np_state[0], base64.b64encode(np_state[1].tobytes()).decode(), *map(float, np_state[2:])],
              "torch": b64(torch.get_rng_state()), "train": b64(gens.device.get_state())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -143,10 +142,6 @@ def _set_rng_state(state: dict, gens: Generators):
     gens.device.set_state(unb64(state["train"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(unb64(state["cuda"]))
-
-
-def _jsonable(x):
-    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
 
 
 def _tupled(x):

@@ -9,10 +9,8 @@ from ..errors import DiffpruneError
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-
 class TrainingInterrupted(DiffpruneError):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint; running the same command resumes it."""
-
 
 
 @dataclasses.dataclass
@@ -138,7 +136,6 @@ class TrainConfig:
         """Settings (outside RUN_CONTROL) on which two configs disagree."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if k not in self.RUN_CONTROL and a[k] != b[k]]
-
 
 
 def _flag(name: str) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..figures import pyplot, save_figure
 from ..models import get_adapter
 from ..sampling import sample
 from ..util import atomic_write_bytes, atomic_write_text
@@ -43,10 +44,7 @@ def plot(csv_path: Path, png_path: Path):
     rows = read_loss_log(csv_path)
     if not rows:
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, marker="." if len(rows) < 50 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -54,10 +52,7 @@ def plot(csv_path: Path, png_path: Path):
     ax.grid(alpha=0.3)
     ax.set_title(f"training loss ({png_path.parent.name})")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(png_path, buf.getvalue())
+    save_figure(fig, png_path)
 
 
 def write_samples(model, path: Path, config: TrainConfig, per_class: int = 10):

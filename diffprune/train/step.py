@@ -18,14 +18,12 @@ def sample_timesteps(n: int, generator: torch.Generator, device=None, antithetic
     return torch.cat([t, num_timesteps - 1 - t])[:n]
 
 
-
 def drop_labels(labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator) -> torch.Tensor:
     """Replace each label by the null class with probability p (classifier-free guidance training)."""
     if p <= 0:
         return labels
     drop = torch.rand(labels.shape[0], generator=generator, device=labels.device) < p
     return torch.where(drop, torch.full_like(labels, null_class), labels)
-
 
 
 def diffusion_loss(pred: torch.Tensor, eps: torch.Tensor, teacher_pred: torch.Tensor | None = None,
@@ -40,13 +38,11 @@ def diffusion_loss(pred: torch.Tensor, eps: torch.Tensor, teacher_pred: torch.Te
     return distill_weight * mse(pred, teacher_pred) + (1.0 - distill_weight) * mse(pred, eps)
 
 
-
 def lr_at(step: int, config: TrainConfig) -> float:
     """Learning rate of (1-based) step: linear warm-up, then constant."""
     if config.warmup and step <= config.warmup:
         return config.lr * step / config.warmup
     return config.lr
-
 
 
 def ema_decay_at(step: int, config: TrainConfig) -> float:
