@@ -80,7 +80,7 @@ def run(args):
     elif args.depth_ratio is not None:
         raise DiffpruneError("--depth-ratio is for --mode both; with --mode depth, --ratio is the depth ratio")
     check_threshold(args.threshold)
-    scorer = make_importance(args.criterion, args.reduction, args.norm)  # checks the criterion's options
+    make_importance(args.criterion, args.reduction, args.norm)  # checks the criterion's options
     if args.mode != "width":
         from ..structural.depth import DEPTH_CRITERIA
         if args.criterion not in DEPTH_CRITERIA:
@@ -99,7 +99,7 @@ def run(args):
         print(f"diffprune prune: pruning the pipeline's {type(model).__name__}; OUT holds the denoiser only",
               file=sys.stderr)
     torch.nn.Module.to(model, args.device, torch.float32)  # scores and pruned weights in full precision
-    _announce_walk(args, scorer, model, scheduler_config)
+    _announce_walk(args, model, scheduler_config)
     source = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # a teacher for --distill
     report = prune_to_directory(
         model, out, source=source, overwrite=args.overwrite, ratio=args.ratio, criterion=args.criterion,
@@ -111,12 +111,14 @@ def run(args):
     return 0
 
 
-def _announce_walk(args, scorer, model, scheduler_config):
+def _announce_walk(args, model, scheduler_config):
     """Say how far the gradient criteria's timestep walk can go, and what it may cost here, before it starts."""
     from .. import zoo
     from ..noise import alphas_cumprod
     from ..structural.calibration import default_batch_size
+    from ..structural.importance import make_importance
     from ._common import duration, estimate_seconds
+    scorer = make_importance(args.criterion, args.reduction, args.norm)
     if not scorer.needs_gradients:
         return
     n = len(alphas_cumprod(model, scheduler_config))
