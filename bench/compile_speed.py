@@ -4,7 +4,7 @@
 The rollout of a static schedule can run fast on a GPU two ways: record the whole loop (denoiser calls, sampler
 arithmetic, CFG mixing) as one CUDA graph (diffprune.capture, latency mode "capture"), or let torch.compile fuse
 kernels. They combine: compiled kernels can be recorded inside the captured loop. For each case this times, with
-diffprune.metrics.latency.time_rollout (the same planned rollout, same noise):
+diffprune.latency.time_rollout (the same planned rollout, same noise):
   capture           eager kernels, the whole rollout as one CUDA graph (what `sample --compile` runs);
   units             each unit (block) compiled on its own (torch.compile of its forward, inductor default mode;
                     "regional" compilation as diffusers' compile_repeated_blocks), the schedule runtime's per-step
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from diffprune import zoo  # noqa: E402
-from diffprune.metrics import latency  # noqa: E402
+from diffprune import latency  # noqa: E402
 from diffprune.models import build_graph  # noqa: E402
 from diffprune.sampling import make_scheduler, rollout_length  # noqa: E402
 from diffprune.schedule import Schedule, baselines  # noqa: E402

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from diffprune import zoo  # noqa: E402
-from diffprune.metrics import latency  # noqa: E402
+from diffprune import latency  # noqa: E402
 from diffprune.models import build_graph  # noqa: E402
 from diffprune.sampling import rollout_length  # noqa: E402
 from diffprune.schedule import Schedule, baselines  # noqa: E402

@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffprune import zoo  # noqa: E402
-from diffprune.evaluate import evaluate, format_table  # noqa: E402
+from diffprune.evaluate import evaluate  # noqa: E402
+from diffprune.tables import format_table  # noqa: E402
 from diffprune.util import atomic_write_text  # noqa: E402
 
 COLUMNS = [("model", "model", ""), ("num_steps", "DDIM steps", ""), ("n_samples", "samples", ""),

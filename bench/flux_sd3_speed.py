@@ -2,7 +2,7 @@
 """Real-size FLUX.1-dev and SD3-medium speed under schedules, against their MACs ideal (random weights).
 
 For each model (1024 px = 128x128 latents, batch 1, flow-euler 28 steps as both pipelines default to) it times
-whole rollouts (diffprune.metrics.latency.time_rollout, scheduler steps included) of
+whole rollouts (diffprune.latency.time_rollout, scheduler steps included) of
   dense      no runtime at all;
   keep-all   the schedule runtime with a keep-everything schedule (its overhead);
   0.6        DeepCache-style (diffprune.schedule.baselines, uniform interval) closest to 0.6 MACs reduction;
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from realsize_speed import Bench, load, make_schedules  # noqa: E402  (same rows, same tables)
 
-from diffprune.metrics import latency  # noqa: E402
+from diffprune import latency  # noqa: E402
 from diffprune.models import build_graph, get_adapter  # noqa: E402
 from diffprune.sampling import rollout_length  # noqa: E402
 

@@ -2,7 +2,7 @@
 """Schedules that own their grid, timed as whole captured rollouts on real-size models with random weights.
 
 For each case (model, sampler, steps) and batch (1 and 8 samples, with CFG: the denoiser sees 2 and 16), fp16, this
-times whole rollouts (diffprune.metrics.latency.time_rollout, mode "capture": every denoiser call, the sampler
+times whole rollouts (diffprune.latency.time_rollout, mode "capture": every denoiser call, the sampler
 arithmetic and the CFG mixing as ONE CUDA graph, capture.py) of
   dense          no schedule;
   keep-all       the schedule runtime with a keep-everything schedule (its cost; goal within 1% of dense);
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from diffprune import zoo  # noqa: E402
 from diffprune.errors import DiffpruneError  # noqa: E402
-from diffprune.metrics import latency  # noqa: E402
+from diffprune import latency  # noqa: E402
 from diffprune.models import build_graph  # noqa: E402
 from diffprune.sampling import make_scheduler, rollout_length  # noqa: E402
 from diffprune.schedule import Schedule, baselines  # noqa: E402

@@ -3,7 +3,7 @@
 
 For an SD-1.5-size UNet (fp16, batch 1 with CFG = denoiser batch 2, PLMS 50 steps = 51 calls) and a
 DiT-XL/2-size transformer (fp16, batch 1 with CFG, DDIM 250 and 50 steps) it times whole rollouts
-(diffprune.metrics.latency.time_rollout: scheduler steps included) of
+(diffprune.latency.time_rollout: scheduler steps included) of
   dense      no runtime at all;
   keep-all   the schedule runtime with a keep-everything schedule (its overhead; target <= 2% over dense);
   0.6        DeepCache (diffprune.schedule.baselines, uniform interval) closest to 0.6 MACs reduction;
@@ -42,7 +42,7 @@ except ImportError:
              "install it first (see this script's docstring)")
 
 from diffprune import zoo  # noqa: E402
-from diffprune.metrics import latency  # noqa: E402
+from diffprune import latency  # noqa: E402
 from diffprune.models import build_graph  # noqa: E402
 from diffprune.sampling import rollout_length  # noqa: E402
 from diffprune.errors import DiffpruneError  # noqa: E402

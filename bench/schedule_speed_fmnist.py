@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffprune import zoo  # noqa: E402
-from diffprune.metrics.latency import time_rollout  # noqa: E402
+from diffprune.latency import time_rollout  # noqa: E402
 from diffprune.schedule import Schedule  # noqa: E402
 from diffprune.util import atomic_write_text  # noqa: E402
 

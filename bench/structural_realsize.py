@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from diffprune import zoo  # noqa: E402
 from diffprune.errors import DiffpruneError  # noqa: E402
-from diffprune.metrics.macs import count_macs_by_module  # noqa: E402
+from diffprune.models.macs import count_macs_by_module  # noqa: E402
 from diffprune.models import count_params, get_adapter  # noqa: E402
 from diffprune.structural import depth as sdepth  # noqa: E402
 from diffprune.structural import prune  # noqa: E402
@@ -129,7 +129,7 @@ def prune_depth(dense, target: float, dense_macs: int, plan):
 
 
 def time_call(model, batch, mode, repeats):
-    from diffprune.metrics.latency import time_denoiser_call
+    from diffprune.latency import time_denoiser_call
     try:
         r = time_denoiser_call(model, batch=batch, cfg=True, mode=mode, repeats=repeats, warmup=2)
         return {"ms": r["median_ms"], "gpu": r.get("gpu")}

@@ -44,7 +44,8 @@ except ImportError:
 
 from diffprune import zoo  # noqa: E402
 from diffprune.errors import DiffpruneError  # noqa: E402
-from diffprune.evaluate import evaluate, format_table, generate_set  # noqa: E402
+from diffprune.evaluate import evaluate, generate_set  # noqa: E402
+from diffprune.tables import format_table  # noqa: E402
 from diffprune.models import build_graph  # noqa: E402
 from diffprune.sampling import rollout_length  # noqa: E402
 from diffprune.schedule import search_schedule  # noqa: E402

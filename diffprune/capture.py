@@ -18,11 +18,15 @@ step (ddpm, lcm, DDIM with eta > 0) are refused: their noise would be frozen int
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
 from .errors import DiffpruneError
-from .sampling import canonical_sampler, finish, make_noise, plan_rollout, run_loop
+from .sampling import (canonical_sampler, finish, make_noise, make_scheduler, notify_rollout_start, plan_rollout,
+                       run_loop)
+from .models import build_graph
+from .schedule import apply_schedule
 from .util import denoiser_of, positive_int
 
 MODES = ("graph", "eager")
@@ -76,14 +80,12 @@ class CapturedRollout:
                                  "mode='eager' (the same loop without capture) or plain sampling")
         self.mode = mode
         if graph is None and (schedule is not None or compile_units):
-            from .models import build_graph
             graph = build_graph(model, schedule.granularity if schedule is not None else "coarse")
         self.graph_units = graph
         # the compiled forwards live as long as the rollout: a captured graph replays their kernels
         self._compiled = ({u: torch.compile(model.get_submodule(u).forward) for u in graph.units}
                           if compile_units else {})
         if scheduler is None and pipe is not None:
-            from .sampling import make_scheduler
             scheduler = make_scheduler(sampler, dict(pipe.scheduler.config))
         self.steps, self.sampler = steps, sampler
         self.plan = plan_rollout(model, steps, sampler, labels=labels, batch=batch, cond=cond, uncond=uncond,
@@ -105,7 +107,6 @@ class CapturedRollout:
     def _schedule_ctx(self):
         if self.schedule is None:
             return contextlib.nullcontext()
-        from .schedule import apply_schedule
         return apply_schedule(self.model, self.schedule, graph=self.graph_units, strict=self.strict)
 
     @contextlib.contextmanager
@@ -128,9 +129,6 @@ class CapturedRollout:
                     mod.forward = before
 
     def _loop(self) -> torch.Tensor:
-        import copy
-
-        from .sampling import notify_rollout_start
         plan, model = self.plan, self.model
         sched = copy.deepcopy(self._template)
 

@@ -375,7 +375,7 @@ def _latencies(variants, art, s: DemoSettings, graphs, progress):
     of load from other processes slows them alike instead of skewing whichever variant it hits."""
     from tqdm.auto import tqdm
 
-    from .metrics.latency import time_rollout
+    from .latency import time_rollout
     mode = "graph" if s.device.startswith("cuda") else "eager"
     todo = [v for v in variants if v["available"]]
     times = {v["key"]: [] for v in todo}
@@ -478,8 +478,8 @@ def timestep_curve(model, s: DemoSettings) -> dict:
     otherwise computed here on a reduced set of timesteps and images, forward only, and said so."""
     import torch
 
-    from .structural.timesteps import alphas_cumprod_for, should_stop
-    from .train import add_noise
+    from .noise import add_noise, alphas_cumprod as alphas_cumprod_for
+    from .structural.timesteps import should_stop
     meta = _pruned_meta()
     threshold, threshold_source = pruned_threshold(meta)
     recorded = meta.get("timesteps")

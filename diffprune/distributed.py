@@ -1,10 +1,22 @@
-"""Data parallelism shared by the training loops: the processes of a run (one, unless started by `accelerate launch`
-or torchrun), each process's share of a global batch, and the collectives that keep the processes identical."""
+"""Devices and data parallelism: the one check of a device name (resolve_device), the processes of a run (one,
+unless started by `accelerate launch` or torchrun), each process's share of a global batch, and the collectives
+that keep the processes identical."""
 from __future__ import annotations
 
 import torch
 
 from .errors import DiffpruneError
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto' (or None) -> cuda when a GPU is visible, else cpu; anything else is checked and returned."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffpruneError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu (or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise DiffpruneError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return device
 
 
 def processes(device=None):

@@ -16,8 +16,11 @@ from tqdm.auto import tqdm
 
 from .distributed import processes
 from .errors import DiffpruneError
+from .metrics import classifier, quality
 from .models import build_graph, count_params, get_adapter
 from .sampling import make_noise, rollout_length, sample
+from .schedule import apply_schedule
+from .tables import format_table  # noqa: F401  (its old home: scripts import it from here)
 from .util import positive_int
 
 
@@ -26,10 +29,10 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
-def _schedule_ctx(model, schedule):
+def schedule_context(model, schedule):
+    """apply_schedule(model, schedule), lenient, or nothing when schedule is None."""
     if schedule is None:
         return contextlib.nullcontext()
-    from .schedule import apply_schedule
     return apply_schedule(model, schedule, strict=False)
 
 
@@ -58,7 +61,7 @@ def generate_set(model, n: int, *, num_steps: int = 50, sampler: str = "ddim", g
     mine = [b for b in range(len(starts)) if b % procs.num_processes == procs.process_index]
     out = {}
     start = time.perf_counter()
-    with _schedule_ctx(model, schedule):
+    with schedule_context(model, schedule):
         for b in tqdm(mine, desc=desc, disable=not (progress and procs.is_main_process), leave=False):
             i = starts[b]
             m = min(batch_size, n - i)
@@ -104,7 +107,6 @@ def evaluate(model, *, schedule=None, reference_model=None, reference_images: to
     against reference_model's samples, else, when a schedule is given, against the same model without it.
     fmnist_metrics: FD-FMNIST and class accuracy (default: on for 1-channel 32x32 models).
     Returns (metrics dict, the samples as a float32 CPU tensor)."""
-    from .metrics import quality
     result = {"sampler": sampler, "num_steps": num_steps, "n_samples": n_samples, "guidance_scale": guidance_scale,
               "seed": seed, "batch_size": batch_size}
     result.update(macs_summary(model, num_steps=num_steps, sampler=sampler, schedule=schedule))
@@ -116,7 +118,6 @@ def evaluate(model, *, schedule=None, reference_model=None, reference_images: to
     if fmnist_metrics is None:
         fmnist_metrics = tuple(images.shape[1:]) == (1, 32, 32)
     if fmnist_metrics:
-        from .metrics import classifier
         result["fd_fmnist"] = classifier.fd_fmnist(images)
         if labels is not None:
             result["class_accuracy"] = classifier.accuracy(images, labels)
@@ -133,20 +134,6 @@ def evaluate(model, *, schedule=None, reference_model=None, reference_images: to
         p = quality.psnr(images, reference_images, reduction="none")
         result["psnr_to_reference"] = float(torch.nan_to_num(p, posinf=100.0).mean())
     return result, images
-
-
-def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """Markdown table; columns are (key, header, format)."""
-    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    lines = [head, sep]
-    for r in rows:
-        cells = []
-        for key, _, fmt in columns:
-            v = r.get(key)
-            cells.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 METRIC_COLUMNS = [("name", "model", ""), ("run_macs_ratio", "FLOPs run ratio", ".3f"),

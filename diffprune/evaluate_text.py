@@ -10,7 +10,8 @@ import time
 import torch
 
 from .errors import DiffpruneError
-from .evaluate import _schedule_ctx, macs_summary
+from .evaluate import macs_summary, schedule_context
+from .metrics import quality
 from .sampling import generate, make_scheduler
 from .util import denoiser_of
 
@@ -19,7 +20,6 @@ def evaluate_prompts(pipe, prompts, *, schedule=None, reference=None, num_steps:
                      guidance_scale: float = 7.5, seed: int = 0, progress: bool = True) -> tuple[dict, torch.Tensor]:
     """(metrics, images): MACs per image (cascade applied) and SSIM/PSNR to the dense pipeline's images (or to
     reference's) from the same prompts and seed. sampler None: the pipeline's own scheduler."""
-    from .metrics import quality
     if denoiser_of(pipe) is pipe:
         raise DiffpruneError("evaluate_prompts needs a text-to-image pipeline, not a bare denoiser")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -29,7 +29,7 @@ def evaluate_prompts(pipe, prompts, *, schedule=None, reference=None, num_steps:
               "n_samples": len(prompts), "guidance_scale": guidance_scale, "seed": seed}
     result.update(macs_summary(denoiser_of(pipe), num_steps=num_steps, sampler=sched, schedule=schedule))
     start = time.perf_counter()
-    with _schedule_ctx(pipe, schedule):
+    with schedule_context(pipe, schedule):
         images = generate(pipe, prompts, **kw, grid=schedule.grid if schedule is not None else None)
     result["ms_per_image"] = 1000 * (time.perf_counter() - start) / len(prompts)
     if schedule is not None or reference is not None:

@@ -1,13 +1,12 @@
 """Image grids for people to look at: PNG files with optional row/column labels."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .util import atomic_write_bytes
+from .figures import pyplot, save_figure
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -34,9 +33,7 @@ def grid_array(images: torch.Tensor, ncol: int, pad: int = 2) -> np.ndarray:
 def save_grid(images: torch.Tensor, path, ncol: int = 8, title: str | None = None,
               row_labels: list[str] | None = None, scale: float = 0.6):
     """Save images as a PNG grid (atomically). With a title or row labels the grid is drawn by matplotlib."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     arr = grid_array(images, ncol)
     h, w = arr.shape[:2]
     fig_w = max(3.0, w / 100 * scale * 3)
@@ -54,7 +51,4 @@ def save_grid(images: torch.Tensor, path, ncol: int = 8, title: str | None = Non
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    save_figure(fig, Path(path))

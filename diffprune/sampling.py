@@ -4,6 +4,9 @@ Everything that generates images goes through `sample()`: evaluation, schedule s
 `differentiable=True`) and `generate()` for Stable Diffusion pipelines. The denoiser is only ever called through
 its adapter's `predict_noise(model, x, t, cond)`, once per step, so a hook on the denoiser sees exactly
 `rollout_length()` calls per rollout, with classifier-free guidance as one call on the doubled batch [uncond; cond].
+
+Why one room of ~440 lines: planning a rollout, running it and the pipeline ends (prompt encoding, latent
+decoding) share the conditioning format; the loop is the one place it is assembled.
 """
 from __future__ import annotations
 
@@ -187,7 +190,7 @@ def plan_rollout(model, num_steps: int, sampler: str = "ddim", *, labels=None, b
     gen = torch.Generator().manual_seed(seed)
     # the loop's guidance: 1 (no doubled batch) for a guidance-distilled model, whose scale is an input
     return RolloutPlan(adapter=adapter, device=device, dtype=dtype, scheduler=sched, reuse=reuse,
-                       model_cond=_cat(uncond, cond) if guided else cond, batch=n,
+                       model_cond=concat_conditions(uncond, cond) if guided else cond, batch=n,
                        guidance_scale=guidance_scale if guided else 1.0, step_kwargs=_step_kwargs(sched, eta, gen),
                        generator=gen)
 
@@ -403,14 +406,14 @@ def _to(d, device, dtype):
     return out
 
 
-def _cat(a: dict, b: dict) -> dict:
+def concat_conditions(a: dict, b: dict) -> dict:
     """[a; b] along the batch for every tensor in two kwargs dicts of the same structure."""
     if set(a) != set(b):
         raise DiffpruneError(f"cond and uncond must have the same keys, got {sorted(b)} and {sorted(a)}")
     out = {}
     for k in a:
         if isinstance(a[k], dict):
-            out[k] = _cat(a[k], b[k])
+            out[k] = concat_conditions(a[k], b[k])
         elif torch.is_tensor(a[k]):
             out[k] = torch.cat([a[k], b[k]])
         else:

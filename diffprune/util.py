@@ -41,6 +41,18 @@ MAX_JSON_DEPTH = 64
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
+def json_safe(obj):
+    """obj with numpy (or torch) arrays and scalars made Python values, tuples made lists and dict keys strings:
+    what json.dumps takes."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy arrays and scalars, tensors
+        return json_safe(obj.tolist())
+    return obj
+
+
 def json_depth(data: bytes) -> int:
     """Deepest nesting of objects/arrays in JSON text (strings skipped), without parsing it."""
     import numpy as np

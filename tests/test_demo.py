@@ -162,10 +162,11 @@ def test_loss_curve_is_computed_when_the_artifact_records_none(monkeypatch):
     # the same loss as Diff-Pruning's own walk over the same images and noise; a threshold of 0.9 ends that walk
     # (a backward pass per timestep) within a few steps, so t = 0 is what is compared
     from diffprune.structural.calibration import fashion_mnist_batch
-    from diffprune.structural.timesteps import accumulate_gradients, alphas_cumprod_for
+    from diffprune.noise import alphas_cumprod
+    from diffprune.structural.timesteps import accumulate_gradients
     model = load_model(demo.DENSE_MODEL).eval()
     batch = fashion_mnist_batch(model, s.curve_batch, seed=s.seed)
-    walk = accumulate_gradients(model, batch.images, batch.cond, 0.9, alphas_cumprod=alphas_cumprod_for(model),
+    walk = accumulate_gradients(model, batch.images, batch.cond, 0.9, alphas_cumprod=alphas_cumprod(model),
                                 seed=s.seed, progress=False).losses
     assert curve["timesteps"][0] == 0 and losses[0] == pytest.approx(walk[0], rel=1e-4)
 

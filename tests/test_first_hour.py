@@ -11,7 +11,7 @@ import torch
 
 import diffprune
 from diffprune.cli import main
-from diffprune.metrics import latency
+from diffprune import latency
 
 from conftest import ROOT, run_cli
 

@@ -274,7 +274,7 @@ def test_timed_rollouts_of_flux_agree_across_modes_at_any_size():
     """bench's rollout timing of a guidance-distilled model: the guidance goes in as an input (not CFG mixing) and
     FLUX's size-dependent shift follows the latent size, so eager, static and the captured loop run the same
     rollout (at a size other than the model's default, where a plan without the size got another shift)."""
-    from diffprune.metrics import latency
+    from diffprune import latency
     config = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                   max_image_seq_len=4096)
     model = zoo.load_model("tiny-flux").eval()

@@ -10,7 +10,7 @@ from diffprune import zoo
 from diffprune.capture import capture_rollout
 from diffprune.errors import DiffpruneError
 from diffprune.grid import Grid, base_timesteps, fold_reason
-from diffprune.metrics import latency
+from diffprune import latency
 from diffprune.models import build_graph, get_adapter
 from diffprune.sampling import _TRAINING_SCHEDULE, make_scheduler, sample
 from diffprune.schedule import Schedule, apply_schedule, baselines

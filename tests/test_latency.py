@@ -1,4 +1,4 @@
-"""Latency measurement (diffprune.metrics.latency, `diffprune bench`, bench/realsize_speed.py) on a CPU: timings
+"""Latency measurement (diffprune.latency, `diffprune bench`, bench/realsize_speed.py) on a CPU: timings
 are positive and ordered sensibly, the graph code path (run uncaptured as mode "static") computes exactly what the
 eager runtime computes, results are written atomically, and bad arguments get clear errors."""
 import importlib.util
@@ -12,7 +12,7 @@ from conftest import ROOT
 from diffprune import zoo
 from diffprune.cli import main
 from diffprune.errors import DiffpruneError
-from diffprune.metrics import latency
+from diffprune import latency
 from diffprune.models import build_graph
 from diffprune.schedule import Schedule
 

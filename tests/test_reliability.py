@@ -130,9 +130,9 @@ def test_search_refuses_an_unwritable_output_before_any_work(tmp_path, capsys, m
 
 def test_eval_and_sample_refuse_an_unwritable_output_before_sampling(tmp_path, capsys, monkeypatch):
     import diffprune.evaluate
-    import diffprune.sampling
+    import diffprune.gallery  # what `diffprune sample` draws with
     monkeypatch.setattr(diffprune.evaluate, "evaluate", lambda *a, **k: pytest.fail("the work started"))
-    monkeypatch.setattr(diffprune.sampling, "sample", lambda *a, **k: pytest.fail("the work started"))
+    monkeypatch.setattr(diffprune.gallery, "sample", lambda *a, **k: pytest.fail("the work started"))
     (tmp_path / "f").write_text("x")
     assert main(["eval", "tiny-unet", "--n", "2", "--steps", "2", "--json", str(tmp_path / "f" / "m.json")]) == 2
     assert main(["sample", "tiny-unet", "--steps", "2", "--out", str(tmp_path / "f" / "g.png")]) == 2
@@ -200,7 +200,7 @@ def test_train_stopped_before_its_first_checkpoint_starts_over(tmp_path, monkeyp
     def killed(path, step, *a):
         raise SystemExit("killed")  # after the first loss row, before any checkpoint
     with monkeypatch.context() as m:
-        m.setattr(train, "_append_log", killed)
+        m.setattr(train.logs, "append", killed)
         with pytest.raises(SystemExit):
             main([*args, "--steps", "1000"])
     assert (out / "train_config.json").exists() and not (out / "checkpoint").exists()
@@ -249,8 +249,8 @@ def test_train_refuses_a_foreign_directory_truthfully(tmp_path, capsys):
 def test_train_checkpoints_by_time_as_well_as_by_steps(tmp_path, monkeypatch):
     from diffprune import train
     saved = []
-    real = train._save_checkpoint
-    monkeypatch.setattr(train, "_save_checkpoint", lambda root, step, *a: (saved.append(step), real(root, step, *a)))
+    real = train.checkpoint.save
+    monkeypatch.setattr(train.checkpoint, "save", lambda root, step, *a: (saved.append(step), real(root, step, *a)))
     x = torch.rand(16, 1, 8, 8) * 2 - 1
     y = torch.arange(16) % 10
 

@@ -10,7 +10,8 @@ from diffprune.errors import DiffpruneError
 from diffprune.models import build_graph, count_params, get_adapter
 from diffprune.structural import CRITERIA, prune
 from diffprune.structural.prune import choose_heads, choose_indices, removal_count
-from diffprune.structural.timesteps import accumulate_gradients, alphas_cumprod_for, count_selected
+from diffprune.noise import alphas_cumprod
+from diffprune.structural.timesteps import accumulate_gradients, count_selected
 
 # a 6-step DDPM schedule keeps gradient criteria to a few forward/backward passes
 SHORT = dict(num_train_timesteps=6, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -94,7 +95,7 @@ def test_accumulated_gradient_is_the_sum_over_selected_steps_only():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(2, 1, 16, 16, generator=g) * 2 - 1
     cond = {"class_labels": torch.tensor([0, 3])}
-    acp = alphas_cumprod_for(model, SHORT)
+    acp = alphas_cumprod(model, SHORT)
     # a threshold near 1 stops at the first step whose loss drops below the running max
     rep = accumulate_gradients(model, x, cond, 0.9999, alphas_cumprod=acp, seed=0, progress=False)
     assert rep.selected == count_selected(rep.losses, 0.9999) and rep.stop_t == rep.selected

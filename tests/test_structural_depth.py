@@ -14,7 +14,8 @@ from diffprune.structural import load_pruned, prune, save_pruned
 from diffprune.structural import io as sio
 from diffprune.structural.calibration import calibration_batch
 from diffprune.structural.depth import Skipped, depth_units
-from diffprune.structural.timesteps import alphas_cumprod_for, count_selected
+from diffprune.noise import alphas_cumprod
+from diffprune.structural.timesteps import count_selected
 
 SHORT = dict(num_train_timesteps=6, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
              prediction_type="epsilon")
@@ -85,7 +86,7 @@ def test_a_removed_unit_is_exactly_an_identity_or_drops_its_skip():
 def test_diff_pruning_unit_score_is_the_first_order_estimate_over_the_selected_steps():
     model = _dit()
     batch = calibration_batch(model, "synthetic", batch=2, seed=0)
-    acp = alphas_cumprod_for(model, SHORT)
+    acp = alphas_cumprod(model, SHORT)
     noise = torch.randn(batch.images.shape, generator=torch.Generator().manual_seed(0))
     adapter = get_adapter(model)
     per_step, losses = [], []  # per timestep: {block: <dL/dy, x - y>}, L_t

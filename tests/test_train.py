@@ -15,8 +15,9 @@ from diffprune import zoo
 from diffprune.cli import main
 from diffprune.data import DEFAULT_DIR
 from diffprune.errors import DiffpruneError
-from diffprune.train import (TrainConfig, add_noise, alphas_cumprod, diffusion_loss, drop_labels, read_loss_log,
-                             sample_timesteps, train_diffusion, training_status)
+from diffprune.noise import add_noise, alphas_cumprod
+from diffprune.train import (TrainConfig, diffusion_loss, drop_labels, read_loss_log, sample_timesteps, train_diffusion,
+                             training_status)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(ROOT / ".venv" / "bin" / "diffprune")
@@ -205,7 +206,7 @@ def test_resume_refuses_other_recipe(tmp_path):
 
 
 def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import diffprune.train as tr
+    from diffprune.train import checkpoint as tr
     x, y = _data(16)
     cfg = _cfg(steps=4, checkpoint_every=2)
     real = tr._tensor_bytes

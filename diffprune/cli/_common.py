@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import resolve_device
 from ..errors import DiffpruneError
 
 
@@ -29,17 +30,6 @@ DEVICE_HELP = "cpu, cuda (cuda:N) or auto (default auto: cuda when a GPU is visi
 def add_device_arg(p):
     """--device with the one default every command shares."""
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-
-
-def resolve_device(device: str | None) -> str:
-    """'auto' (or None) -> cuda when a GPU is visible, else cpu; anything else is checked and returned."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DiffpruneError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu (or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise DiffpruneError(f"unknown device {device!r}; use cpu, cuda or auto")
-    return device
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -118,7 +108,7 @@ def estimate_seconds(model, *, calls: int, batch: int, guided: bool) -> float:
     """Seconds that `calls` denoiser calls at `batch` samples (doubled under guidance) should take on this
     machine, from the median of three calls timed after two warm-up calls (the first calls run slow): said before
     a long job starts, not after."""
-    from ..metrics.latency import time_denoiser_call
+    from ..latency import time_denoiser_call
     r = time_denoiser_call(model, batch, cfg=guided, repeats=3, warmup=2)
     return calls * r["median_ms"] / 1e3
 

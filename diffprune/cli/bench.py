@@ -53,7 +53,7 @@ def run(args):
     from tqdm.auto import tqdm
 
     from ..errors import DiffpruneError
-    from ..metrics import latency
+    from .. import latency
     from ..models import build_graph
     from ..util import atomic_write_text, denoiser_of, positive_int
     from ._common import claim, default_guidance, load_for_sampling, load_schedule, resolve_device

@@ -33,7 +33,8 @@ def run(args):
     import sys
 
     from ..distributed import processes
-    from ..evaluate import METRIC_COLUMNS, evaluate, format_table
+    from ..evaluate import METRIC_COLUMNS, evaluate
+    from ..tables import format_table
     from ..util import atomic_write_text, denoiser_of, positive_int
     from ..sampling import rollout_length
     from ._common import (claim, default_guidance, duration, estimate_seconds, load_for_sampling, load_schedule,
@@ -85,7 +86,8 @@ def _run_prompts(args):
     import json
 
     from ..errors import DiffpruneError
-    from ..evaluate import METRIC_COLUMNS, format_table
+    from ..evaluate import METRIC_COLUMNS
+    from ..tables import format_table
     from ..evaluate_text import evaluate_prompts
     from ..util import atomic_write_text, denoiser_of, positive_int
     from ._common import default_guidance, load_for_sampling, load_schedule, resolve_rollout

@@ -1,12 +1,6 @@
 """diffprune finetune: fine-tune a pruned model with the Diff-Pruning recipe (a `diffprune train` run)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-# finetune flag -> the `diffprune train` flag it is passed on as (same meaning, same checks there)
-_PASSED_ON = ("steps", "batch_size", "lr", "ema_decay", "grad_clip", "distill_weight", "max_minutes", "stop_at",
-              "checkpoint_every", "checkpoint_minutes", "log_every", "sample_every", "seed", "data", "limit", "device")
-
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -48,32 +42,12 @@ def add_parser(sub):
 
 
 def run(args):
-    from ..errors import DiffpruneError
-    from ..structural.io import META_FILE
-    from ..util import read_json
-    from . import build_parser
-    from . import train as train_cli
+    from ..train.run import finetune_run
+    from .train import start
 
-    path = Path(args.model)
-    if not (path / META_FILE).is_file():
-        raise DiffpruneError(f"{args.model} is not a pruned model directory (no {META_FILE}); prune one with "
-                             f"`diffprune prune`, or fine-tune other models with `diffprune train`")
-    teacher = args.teacher
-    if args.distill and not teacher:
-        doc = read_json(path / META_FILE)
-        meta = doc.get("meta") if isinstance(doc, dict) else None
-        teacher = meta.get("source") if isinstance(meta, dict) else None
-        if not teacher:
-            raise DiffpruneError(f"{args.model} does not record the dense model it was pruned from; "
-                                 f"pass --teacher MODEL")
-    argv = ["train", args.model, "--out", args.out, "--recipe", "finetune"]
-    for dest in _PASSED_ON:
-        value = getattr(args, dest)
-        if value is not None:
-            argv += ["--" + dest.replace("_", "-"), str(value)]
-    if teacher:
-        argv += ["--teacher", str(teacher)]
-    argv += [f"--{flag}" for flag in ("no-grid", "overwrite") if getattr(args, flag.replace("-", "_"))]
-    train_args = build_parser().parse_args(argv)
-    train_args._claims = args._claims  # the train run claims its --out for this command
-    return train_cli.run(train_args)
+    settings = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "ema_decay", "grad_clip", "distill_weight",
+                                              "max_minutes", "stop_at", "checkpoint_every", "checkpoint_minutes",
+                                              "log_every", "sample_every", "seed")}
+    return start(finetune_run(args.model, args.out, distill=args.distill, teacher=args.teacher, settings=settings,
+                              data=args.data, limit=args.limit, device=args.device, grid=not args.no_grid,
+                              overwrite=args.overwrite), args.command)

@@ -1,7 +1,6 @@
 """diffprune prune: structural pruning (Diff-Pruning) of a denoiser into a pruned-model directory."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -66,10 +65,10 @@ def run(args):
 
     from .. import zoo
     from ..errors import DiffpruneError
-    from ..structural import prune, save_pruned
-    from ..structural.importance import check_criterion
-    from ..structural.timesteps import check_threshold, plot_losses, TimestepReport
-    from ..util import atomic_write_text, denoiser_of, output_directory, positive_int, ratio
+    from ..structural.importance import make_importance
+    from ..structural.job import prune_to_directory
+    from ..structural.timesteps import check_threshold
+    from ..util import denoiser_of, positive_int, ratio
     from ._common import resolve_device
 
     # ---- cheap checks first, before anything is loaded ----
@@ -81,7 +80,7 @@ def run(args):
     elif args.depth_ratio is not None:
         raise DiffpruneError("--depth-ratio is for --mode both; with --mode depth, --ratio is the depth ratio")
     check_threshold(args.threshold)
-    check_criterion(args.criterion, args.reduction, args.norm)
+    make_importance(args.criterion, args.reduction, args.norm)  # checks the criterion's options
     if args.mode != "width":
         from ..structural.depth import DEPTH_CRITERIA
         if args.criterion not in DEPTH_CRITERIA:
@@ -101,20 +100,13 @@ def run(args):
               file=sys.stderr)
     torch.nn.Module.to(model, args.device, torch.float32)  # scores and pruned weights in full precision
     _announce_walk(args, model, scheduler_config)
-    model, report = prune(model, args.ratio, args.criterion, args.threshold, args.data, mode=args.mode,
-                          depth_ratio=args.depth_ratio, rule=args.rule, reduction=args.reduction, norm=args.norm,
-                          heads=args.heads, widths=args.widths, width_multiple=args.width_multiple, seed=args.seed,
-                          batch=args.batch, data_dir=args.data_dir, scheduler_config=scheduler_config,
-                          progress=not args.quiet)
     source = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # a teacher for --distill
-    report = {"source": source, **report}
-    meta = {k: v for k, v in report.items() if k not in ("groups", "timesteps")}
-    model = model.cpu()
-    with output_directory(out, overwrite=args.overwrite) as tmp:
-        save_pruned(model, tmp, meta=meta)
-        atomic_write_text(tmp / "prune_report.json", json.dumps(report, indent=1))
-        if "timesteps" in report:
-            plot_losses(TimestepReport(**report["timesteps"]), tmp / "timestep_loss.png")
+    report = prune_to_directory(
+        model, out, source=source, overwrite=args.overwrite, ratio=args.ratio, criterion=args.criterion,
+        threshold=args.threshold, data=args.data, mode=args.mode, depth_ratio=args.depth_ratio, rule=args.rule,
+        reduction=args.reduction, norm=args.norm, heads=args.heads, widths=args.widths,
+        width_multiple=args.width_multiple, seed=args.seed, batch=args.batch, data_dir=args.data_dir,
+        scheduler_config=scheduler_config, progress=not args.quiet)
     _summary(report, out, told=not args.quiet)
     return 0
 
@@ -122,21 +114,22 @@ def run(args):
 def _announce_walk(args, model, scheduler_config):
     """Say how far the gradient criteria's timestep walk can go, and what it may cost here, before it starts."""
     from .. import zoo
-    from ..structural.importance import GRADIENT_CRITERIA
+    from ..noise import alphas_cumprod
     from ..structural.calibration import default_batch_size
-    from ..structural.timesteps import alphas_cumprod_for
+    from ..structural.importance import make_importance
     from ._common import duration, estimate_seconds
-    if args.criterion not in GRADIENT_CRITERIA:
+    scorer = make_importance(args.criterion, args.reduction, args.norm)
+    if not scorer.needs_gradients:
         return
-    n = len(alphas_cumprod_for(model, scheduler_config))
+    n = len(alphas_cumprod(model, scheduler_config))
     batch = args.batch or default_batch_size(model)
     walk = (f"from t=0 until L_t < {args.threshold:g} x its running max, at most {n} timesteps"
-            if args.criterion == "diff-pruning" and args.threshold > 0 else f"over all {n} timesteps")
+            if scorer.walks_to_threshold and args.threshold > 0 else f"over all {n} timesteps")
     cost = ""
     if args.device == "cpu":  # a forward and a backward pass per timestep: about three forward passes
         cost = f"; up to about {duration(estimate_seconds(model, calls=3 * n, batch=batch, guided=False))} here"
     print(f"diffprune prune: {args.criterion} accumulates gradients {walk} (batch {batch}{cost})", file=sys.stderr)
-    if (args.criterion == "diff-pruning" and args.threshold > 0 and args.model in zoo.CONFIGS
+    if (scorer.walks_to_threshold and args.threshold > 0 and args.model in zoo.CONFIGS
             and not (zoo.CHECKPOINTS / args.model / "config.json").exists()):
         print(f"diffprune prune: {args.model} has random weights (no trained checkpoint): its loss does not fall "
               f"with t, so the walk will likely cover all {n} timesteps (--criterion magnitude is instant)",

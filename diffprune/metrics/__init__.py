@@ -1,4 +1,4 @@
-"""Measuring: MACs (macs), sample quality without a network (quality: Frechet distance, SSIM, PSNR), the shipped
+"""Measuring sample quality without a network (quality: Frechet distance, SSIM, PSNR), the shipped
 Fashion-MNIST feature network (classifier: FD-FMNIST, class accuracy) and user-supplied networks (external:
 Inception FID, CLIP score)."""
 from .classifier import accuracy, fd_fmnist, features, load_classifier, predict, reference_statistics

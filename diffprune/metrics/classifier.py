@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import DiffpruneError
+from ..util import atomic_write_bytes, atomic_write_text
+from .quality import feature_statistics, frechet_distance
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "zoo" / "checkpoints" / "fmnist-classifier"
 WEIGHTS_FILE = "classifier.safetensors"
@@ -210,7 +212,6 @@ def fd_fmnist(images: torch.Tensor, reference=None, model: FMNISTClassifier | No
 
     Like FID it is biased upward for small sample sets (600 real test images score ~0.3 against the shipped
     statistics, 5,000 vs the other 5,000 ~0.07, uniform noise ~60): compare models at equal sample counts."""
-    from .quality import frechet_distance
     if reference is None:
         if model is not None:
             raise DiffpruneError("a custom classifier needs its own reference: pass reference= (real images or "
@@ -274,7 +275,6 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def statistics_of(images: torch.Tensor, model: FMNISTClassifier, **kw) -> tuple[np.ndarray, np.ndarray]:
-    from .quality import feature_statistics
     return feature_statistics(features(images, model, **kw))
 
 
@@ -283,7 +283,6 @@ def save_classifier(model: FMNISTClassifier, directory: str | os.PathLike, info:
     """Write classifier.safetensors (fp32), classifier.json and, when given, the reference statistics into an
     existing directory (the script builds it under a temporary name, see util.output_directory)."""
     from safetensors.torch import save
-    from ..util import atomic_write_bytes, atomic_write_text
     directory = Path(directory)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / WEIGHTS_FILE, save(state))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..metrics.macs import attribute, count_macs_by_module
+from .macs import attribute, count_macs_by_module
 from .adapters import GRANULARITIES, Adapter, architecture_hash, get_adapter, supported_families
 from .graph import OUTPUT, UnitGraph
 from .trace import trace_dataflow

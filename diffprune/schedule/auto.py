@@ -4,7 +4,7 @@ The searches (grid, step reuse, DiP-GO) pick their schedule on calibration sampl
 `seed`); auto scores every candidate on samples from another seed, so a search that over-fits its few calibration
 samples does not win on them. Candidates are compared at the same cost: the target pruned MACs ratio (a family that
 cannot reach it is skipped, with the reason in the table), or, with a latency budget, the measured latency of the
-whole rollout captured as one CUDA graph (metrics.latency.time_rollout(mode="capture")) at a ladder of ratios.
+whole rollout captured as one CUDA graph (latency.time_rollout(mode="capture")) at a ladder of ratios.
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def score_candidates(model_or_pipeline, candidates, *, graph: UnitGraph, sampler
 
 
 def measure_latency(model, candidates, *, graph: UnitGraph, sampler: str, steps: int, guidance_scale: float):
-    from ..metrics.latency import time_rollout
+    from ..latency import time_rollout
     for cand in candidates:
         if cand.schedule is not None:
             cand.latency_ms = float(time_rollout(model, cand.schedule, steps=steps, sampler=sampler, batch=1,

@@ -21,8 +21,10 @@ import numpy as np
 
 from ..errors import DiffpruneError
 from ..models import UnitGraph, build_graph, get_adapter
+from ..sampling import make_scheduler
 from ..util import denoiser_of
 from .baselines import deepcache_row, describe, table_with_full_steps
+from .runtime import registry_hooks_bypassed
 from .schedule import Schedule
 
 SKIP_MODES = ("uniform", "non-uniform")
@@ -49,7 +51,6 @@ def deepcache_schedule(model_or_pipeline, num_inference_steps: int, *, cache_int
     sched.set_timesteps(_positive(num_inference_steps, "num_inference_steps"))
     timesteps = [float(t) for t in sched.timesteps]
     if graph is None:
-        from .runtime import registry_hooks_bypassed
         with registry_hooks_bypassed(unet):
             graph = build_graph(unet, "fine")
     row = branch_row(graph, unet, cache_branch_id)
@@ -153,7 +154,6 @@ def branch_equivalents(unet, graphs: dict[str, UnitGraph] | None = None) -> dict
 
 
 def _scheduler(pipe, scheduler):
-    from ..sampling import make_scheduler
     if isinstance(scheduler, str):
         config = pipe.scheduler.config if pipe is not None else None
         return make_scheduler(scheduler, config), scheduler

@@ -29,7 +29,8 @@ import numpy as np
 from ..errors import DiffpruneError
 from ..grid import Grid, base_timesteps, fold_reason
 from ..models import GRANULARITIES, UnitGraph, architecture_hash
-from ..util import atomic_write_text, read_json
+from ..sampling import canonical_sampler, make_scheduler, rollout_length
+from ..util import atomic_write_text, json_safe, read_json
 
 FORMAT = "diffprune-schedule"
 VERSION = 2
@@ -167,7 +168,6 @@ class Schedule:
         to the next visited one. The same rollout for DDIM (eta 0, no x0 clipping) and flow-matching Euler (refused
         elsewhere with the reason, unless approximate=True). scheduler: the diffusers scheduler the rollout runs (a pipeline's); default the
         sampler's training-schedule build (sampling.make_scheduler)."""
-        from ..sampling import make_scheduler
         if self.reuse is None:
             return self
         sched = scheduler if scheduler is not None else make_scheduler(self.sampler)
@@ -237,7 +237,7 @@ class Schedule:
                 "visits": None if self.reuse is None else "".join("r" if r else "c" for r in self.reuse),
                 "n_calls": self.n_calls,
                 "table": ["".join("1" if k else "0" for k in row) for row in self.table],
-                "meta": _plain(self.meta)}
+                "meta": json_safe(self.meta)}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "schedule") -> "Schedule":
@@ -316,7 +316,6 @@ class Schedule:
 
 def rollout_calls(sampler: str, steps: int) -> int:
     """Denoiser calls of a `steps`-step rollout of `sampler` (PLMS makes one more)."""
-    from ..sampling import rollout_length
     return rollout_length(sampler, steps)
 
 
@@ -328,25 +327,11 @@ def _timestep_value(t) -> bool:
 
 
 def _canonical(sampler: str) -> str:
-    from ..sampling import canonical_sampler
     return canonical_sampler(sampler)
 
 
 def _short(names, n=4):
     return "[" + ", ".join(names[:n]) + (f", ... ({len(names)} in all)]" if len(names) > n else "]")
-
-
-def _plain(obj):
-    """meta made JSON-safe (numpy scalars and arrays become Python values)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def collapse_report(schedule_or_table, graph: UnitGraph) -> dict:

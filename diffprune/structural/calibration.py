@@ -10,6 +10,7 @@ import dataclasses
 
 import torch
 
+from ..data import load_fashion_mnist
 from ..errors import DiffpruneError
 from ..models import get_adapter
 
@@ -60,7 +61,6 @@ def calibration_batch(model, source: str = "auto", batch: int | None = None, dat
 
 
 def fashion_mnist_batch(model, batch: int, data_dir=None, seed: int = 0) -> CalibrationBatch:
-    from ..data import load_fashion_mnist
     images, labels = load_fashion_mnist("train", directory=data_dir)
     if batch > len(images):
         raise DiffpruneError(f"calibration batch {batch} is larger than the data set ({len(images)} images)")

@@ -1,4 +1,5 @@
-"""Per-channel importance of one dependency group (the layers torch-pruning couples to a root's channels).
+"""Per-channel importance of one dependency group (the layers torch-pruning couples to a root's channels), as
+small scorer classes in the manner of torch-pruning's Importance; make_importance(name) gives one.
 
 Criteria (the paper's baselines and its own):
   diff-pruning  Taylor with gradients summed over the selected timesteps; per weight |w * sum_t g|.
@@ -69,41 +70,86 @@ def _layer_scores(layer, axis: int, criterion: str, reduction: str, p: int) -> t
     return per_channel(wg.square() if reduction == "paper" else wg.abs())
 
 
-def group_scores(group, criterion: str, reduction: str = "paper", norm: int = 2,
-                 generator: torch.Generator | None = None, cache: dict | None = None) -> torch.Tensor:
-    """One score per channel of the group's root (len(group[0].idxs)); lower = pruned first. `cache` (a dict
-    kept across the groups of one model) avoids rescoring a layer that several groups share."""
-    cache = {} if cache is None else cache
-    n = len(group[0].idxs)
+class Importance:
+    """Scores for one dependency group, as torch-pruning's Importance: `scorer(group)` gives one score per channel
+    of the group's root (len(group[0].idxs)); lower = pruned first. One object scores all the groups of one model
+    (it caches the scores of layers that several groups share)."""
+    name = ""
+    needs_gradients = False   # scores read .grad: the timestep walk must run first
+    walks_to_threshold = False  # the walk stops at the loss threshold (Diff-Pruning) instead of visiting every t
+    reinitialises = False     # the pruned model gets fresh weights afterwards (training from scratch)
+
+    def __init__(self, reduction: str = "paper", norm: int = 2):
+        self.reduction, self.norm = reduction, norm
+        self.cache: dict = {}
+
+    def __call__(self, group) -> torch.Tensor:
+        n = len(group[0].idxs)
+        total = torch.zeros(n, dtype=torch.float64)
+        layers = 0
+        for item in group:
+            dep, idxs = item.dep, list(item.idxs)
+            layer = dep.target.module
+            if not isinstance(layer, nn.Module):
+                continue
+            if isinstance(layer, nn.GroupNorm) and self.reduction == "port":
+                continue  # torch-pruning 1.6 does not score GroupNorm
+            out = dep.handler.__name__ == "prune_out_channels"
+            roots = list(item.root_idxs)
+            if any(r is None for r in roots):
+                continue
+            axis = _channel_axis(layer, out)
+            if axis is None:
+                continue
+            key = (id(layer), axis)
+            if key not in self.cache:
+                self.cache[key] = _layer_scores(layer, axis, self.name, self.reduction, self.norm).double().cpu()
+            local = self.cache[key][torch.as_tensor(idxs, dtype=torch.long)]
+            total.scatter_add_(0, torch.as_tensor(roots, dtype=torch.long), local)
+            layers += 1
+        if layers == 0:
+            raise DiffpruneError("internal: a dependency group has no scorable layer")
+        if self.reduction == "port":
+            total = total / layers
+            mean = total.mean()
+            if mean > 0:
+                total = total / mean
+        return total.float()
+
+
+class DiffPruningImportance(Importance):
+    """Taylor scores with gradients summed over the timesteps the walk selects (until the loss threshold)."""
+    name, needs_gradients, walks_to_threshold = "diff-pruning", True, True
+
+
+class TaylorImportance(Importance):
+    """The same gradients over all timesteps, "sum then abs" per channel."""
+    name, needs_gradients = "taylor", True
+
+
+class MagnitudeImportance(Importance):
+    """sum_slice |w|^p (norm p = 2 by default, 1 for L1)."""
+    name = "magnitude"
+
+
+class RandomImportance(Importance):
+    """Uniform random scores from a seeded generator; `reinit` also re-initialises the pruned model."""
+    name = "random"
+
+    def __init__(self, reduction: str = "paper", norm: int = 2, seed: int = 0, reinit: bool = False):
+        super().__init__(reduction, norm)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.reinitialises = reinit
+        self.name = "reinit" if reinit else "random"
+
+    def __call__(self, group) -> torch.Tensor:
+        return torch.rand(len(group[0].idxs), generator=self.generator)
+
+
+def make_importance(criterion: str, reduction: str = "paper", norm: int = 2, seed: int = 0) -> Importance:
+    """The scorer a criterion name stands for (the one place a name becomes an object)."""
+    check_criterion(criterion, reduction, norm)
     if criterion in ("random", "reinit"):
-        return torch.rand(n, generator=generator)
-    total = torch.zeros(n, dtype=torch.float64)
-    layers = 0
-    for item in group:
-        dep, idxs = item.dep, list(item.idxs)
-        layer = dep.target.module
-        if not isinstance(layer, nn.Module):
-            continue
-        if isinstance(layer, nn.GroupNorm) and reduction == "port":
-            continue  # torch-pruning 1.6 does not score GroupNorm
-        out = dep.handler.__name__ == "prune_out_channels"
-        roots = list(item.root_idxs)
-        if any(r is None for r in roots):
-            continue
-        axis = _channel_axis(layer, out)
-        if axis is None:
-            continue
-        key = (id(layer), axis)
-        if key not in cache:
-            cache[key] = _layer_scores(layer, axis, criterion, reduction, norm).double().cpu()
-        local = cache[key][torch.as_tensor(idxs, dtype=torch.long)]
-        total.scatter_add_(0, torch.as_tensor(roots, dtype=torch.long), local)
-        layers += 1
-    if layers == 0:
-        raise DiffpruneError("internal: a dependency group has no scorable layer")
-    if reduction == "port":
-        total = total / layers
-        mean = total.mean()
-        if mean > 0:
-            total = total / mean
-    return total.float()
+        return RandomImportance(reduction, norm, seed=seed, reinit=criterion == "reinit")
+    kinds = {"diff-pruning": DiffPruningImportance, "taylor": TaylorImportance, "magnitude": MagnitudeImportance}
+    return kinds[criterion](reduction, norm)

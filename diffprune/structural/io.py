@@ -17,6 +17,9 @@ that silently computes something else. Files written before the hash existed loa
 A depth-pruned model also lists its removed units (module name -> the hidden width a removed up-block resnet passes
 on, or null): they are rebuilt as depth.Skipped, and only modules that are units of the model may be named there
 (format version 2; version 1 files, with no removed units, still load).
+
+Why one room of ~500 lines: the writer and the reader of one untrusted format, each check beside the field it
+checks; split, the two halves would have to agree on every field through a third file.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import DiffpruneError
-from ..util import atomic_write_text, output_directory, read_json
+from ..models import get_adapter
+from ..util import atomic_write_text, output_directory, read_json, umask
 from . import depth
 
 FORMAT = "diffprune-pruned"
@@ -211,7 +215,6 @@ def _atomic_save_file(tensors: dict, path: Path):
 
     from safetensors.torch import save_file
 
-    from ..util import umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -224,7 +227,14 @@ def _atomic_save_file(tensors: dict, path: Path):
         raise
 
 
-def _read_meta(directory: Path) -> dict:
+def is_pruned(directory) -> bool:
+    """Whether `directory` holds a pruned model (its META_FILE), without reading it."""
+    return (Path(directory) / META_FILE).is_file()
+
+
+def read_meta(directory) -> dict:
+    """The checked contents of a pruned model's META_FILE; DiffpruneError when it is missing or not one."""
+    directory = Path(directory)
     path = directory / META_FILE
     try:
         doc = read_json(path)
@@ -334,7 +344,6 @@ def _check_layer_spec(name: str, spec, base_module, path: Path):
 
 def _remove_units(model, removed: dict):
     """Replace the named units' modules by depth.Skipped, refusing anything that is not a removable unit."""
-    from ..models import get_adapter
     adapter = get_adapter(model)
     units = set(adapter.unit_names(model, "fine")) | set(adapter.unit_names(model, "coarse"))
     modules = dict(model.named_modules())
@@ -363,7 +372,7 @@ def load_pruned(directory, dtype: torch.dtype | None = None):
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
     directory = Path(directory)
-    doc = _read_meta(directory)
+    doc = read_meta(directory)
     meta_path = directory / META_FILE
     path = _weights_path(directory, doc)
     header = _read_header(path)

@@ -19,6 +19,9 @@ final output conv never loses outputs; model inputs (image channels, text-encode
 keys/values) are never pruned, because nothing upstream of them is prunable. DiT prunes attention heads/head_dim,
 MLP hidden width and the time-embedding MLP hidden width only: its residual stream is tied to fixed position
 embeddings and adaLN chunks.
+
+Why one room of ~530 lines: prune() and the width plan (group classes, rules, rounding) share GroupPlan and
+WidthShape; the next cut is the plan (GroupPlan, WidthShape, choose_*) into a module of its own.
 """
 from __future__ import annotations
 
@@ -32,13 +35,14 @@ import torch
 import torch.nn as nn
 
 from ..errors import DiffpruneError
-from ..metrics.macs import count_macs_by_module
 from ..models import count_params, get_adapter
+from ..models.macs import count_macs_by_module
+from ..noise import alphas_cumprod
 from ..util import ratio as check_ratio
 from . import depth, fixups
 from .calibration import CalibrationBatch, calibration_batch
-from .importance import GRADIENT_CRITERIA, check_criterion, group_scores
-from .timesteps import accumulate_gradients, alphas_cumprod_for, check_threshold
+from .importance import Importance, MagnitudeImportance, make_importance
+from .timesteps import accumulate_gradients, check_threshold
 
 SUPPORTED_FAMILIES = ("unet2d", "unet2d-condition", "dit")
 RULES = ("paper", "tp")
@@ -282,7 +286,7 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
     hidden widths and other groups without GroupNorm to that multiple instead (and refuses a layer narrower than it).
     """
     ratio = check_ratio(ratio)
-    check_criterion(criterion, reduction, norm)
+    scorer = make_importance(criterion, reduction, norm, seed)
     threshold = check_threshold(threshold)
     if mode not in MODES:
         raise DiffpruneError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -308,12 +312,12 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
         model.disable_gradient_checkpointing()
         _tell(notes, "gradient checkpointing was switched off while tracing and scoring (it hides layers from "
                      "the dependency graph) and switched back on afterwards", progress)
-    report = {"family": adapter.family, "class": type(model).__name__, "mode": mode, "criterion": criterion,
+    report = {"family": adapter.family, "class": type(model).__name__, "mode": mode, "criterion": scorer.name,
               "ratio": ratio, "rule": rule, "reduction": reduction, "heads": heads, "width_multiple": width_multiple,
               "widths": shape.describe(), "seed": seed}
     if mode == "both":
         report["depth_ratio"] = depth_ratio
-    if criterion == "magnitude":
+    if isinstance(scorer, MagnitudeImportance):
         report["norm"] = f"L{norm}"
     was_training = model.training
     model.eval()
@@ -329,14 +333,14 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
             for u in units:
                 u.macs = int(sum(n for k, n in per_module.items()
                                  if any(k == m or k.startswith(m + ".") for m in u.modules)))
-        if criterion in GRADIENT_CRITERIA:
+        if scorer.needs_gradients:
             batch_data = data if isinstance(data, CalibrationBatch) else calibration_batch(
                 model, "auto" if data is None else data, batch=batch, data_dir=data_dir, seed=seed)
-            t = threshold if criterion == "diff-pruning" else 0.0
+            t = threshold if scorer.walks_to_threshold else 0.0
             recorder = depth.record_unit_scores(model, units) if units else contextlib.nullcontext({})
             with recorder as unit_scores:
                 ts = accumulate_gradients(model, batch_data.images, batch_data.cond, t,
-                                          alphas_cumprod=alphas_cumprod_for(model, scheduler_config), seed=seed,
+                                          alphas_cumprod=alphas_cumprod(model, scheduler_config), seed=seed,
                                           progress=progress)
             unit_scores = {k: abs(float(v)) for k, v in unit_scores.items()}
             report["calibration"] = batch_data.describe()
@@ -346,7 +350,7 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
         elif units:
             unit_scores = depth.static_scores(model, units, criterion, norm, seed)
         if mode != "depth":
-            dg, plans, skipped = _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, shape, seed)
+            dg, plans, skipped = _plan(model, adapter, ratio, scorer, rule, heads, shape)
             odd = _odd_widths(plans)
             if odd:
                 _tell(notes, f"widths after pruning that are not multiples of 8: {odd}; GPU matrix kernels can run "
@@ -364,7 +368,7 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
             del dg
             model.zero_grad(set_to_none=True)
             fixups.repair(model, run=lambda: adapter.predict_noise(model, x, t_, cond), head_counts=head_counts)
-            if criterion == "reinit":
+            if scorer.reinitialises:
                 _reinitialise(model, seed, notes)
         model.zero_grad(set_to_none=True)
         if units:
@@ -376,7 +380,7 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
             model.enable_gradient_checkpointing()
     report.update(params_after=count_params(model), macs_after=macs_after,
                   groups=[p.summary() for p in plans], skipped_groups=skipped, notes=notes)
-    if criterion in GRADIENT_CRITERIA:
+    if scorer.needs_gradients:
         report["timesteps_used"] = report["timesteps"]["selected"]
     return model, report
 
@@ -414,7 +418,7 @@ def _odd_widths(plans) -> str:
 
 
 def count_macs(model, adapter, x, t, cond) -> int:
-    """MACs of one call under diffprune's counter (metrics.macs; equal to build_graph(...).total_macs), run on
+    """MACs of one call under diffprune's counter (models.macs; equal to build_graph(...).total_macs), run on
     fake tensors: shapes only, so an SD-size UNet is counted in about a second on a CPU."""
     return int(sum(macs_by_module(model, adapter, x, t, cond).values()))
 
@@ -455,14 +459,13 @@ def _protected(model, adapter) -> list[nn.Module]:
     return [getattr(model, n) for n in names if isinstance(getattr(model, n, None), nn.Module)]
 
 
-def _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, shape, seed):
+def _plan(model, adapter, ratio, scorer: Importance, rule, heads, shape):
     import torch_pruning as tp
-    if criterion in GRADIENT_CRITERIA and all(p.grad is None for p in model.parameters()):
+    if scorer.needs_gradients and all(p.grad is None for p in model.parameters()):
         raise DiffpruneError("internal: no gradients were accumulated for a gradient criterion")
     dg = _trace(model, adapter)
     index = _ModelIndex(model)
-    gen = torch.Generator().manual_seed(seed)
-    plans, skipped, cache = [], [], {}
+    plans, skipped = [], []
     for group in dg.get_all_groups(ignored_layers=_protected(model, adapter),
                                    root_module_types=(tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)):
         plan = _classify(group, index)
@@ -471,7 +474,7 @@ def _plan(model, adapter, ratio, criterion, rule, reduction, norm, heads, shape,
         if not _consistent(group, plan):
             skipped.append({"root": plan.root, "channels": plan.channels, "why": "channel mapping not 1:1"})
             continue
-        scores = group_scores(group, criterion, reduction, norm, generator=gen, cache=cache)
+        scores = scorer(group)
         if plan.paired:
             half = plan.channels // 2
             m = shape.fit(half, shape.channels, plan)

@@ -16,11 +16,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import DiffpruneError
-
-# Stable Diffusion's training schedule; the pixel models and DiT use the DDPM one (sampling.make_scheduler("ddpm")).
-SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                   prediction_type="epsilon")
-
+from ..figures import pyplot, save_figure
+from ..models import get_adapter
+from ..noise import add_noise
 
 def check_threshold(threshold: float) -> float:
     t = float(threshold)
@@ -58,16 +56,6 @@ class TimestepReport:
         return dataclasses.asdict(self)
 
 
-def alphas_cumprod_for(model, scheduler_config: dict | None = None) -> torch.Tensor:
-    """The training noise schedule of `model`: the given (pipeline) scheduler config, else SD's for text UNets
-    and the DDPM linear 1e-4..0.02 schedule for everything else."""
-    from ..models import get_adapter
-    from ..sampling import make_scheduler
-    if scheduler_config is None and get_adapter(model).family == "unet2d-condition":
-        scheduler_config = SD_SCHEDULE
-    return make_scheduler("ddpm", scheduler_config).alphas_cumprod.to(torch.float32).clone()
-
-
 def accumulate_gradients(model, images: torch.Tensor, cond: dict, threshold: float, *,
                          alphas_cumprod: torch.Tensor, seed: int = 0, progress: bool = True) -> TimestepReport:
     """Backward the per-timestep loss of the selected timesteps into the parameters' .grad (summed).
@@ -75,7 +63,6 @@ def accumulate_gradients(model, images: torch.Tensor, cond: dict, threshold: flo
     `images` is the fixed clean batch (model space: pixels or latents), `cond` the adapter conditioning for it.
     The model is put in eval() mode (dropout off) while scoring and restored afterwards.
     """
-    from ..models import get_adapter
     threshold = check_threshold(threshold)
     adapter = get_adapter(model)
     device = next(model.parameters()).device
@@ -94,9 +81,8 @@ def accumulate_gradients(model, images: torch.Tensor, cond: dict, threshold: flo
     bar = tqdm(range(n_steps), desc="accumulating gradients over timesteps", disable=not progress, leave=False)
     try:
         for t in bar:
-            a = acp[t]
-            x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(dtype)
             tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
+            x_t = add_noise(x0, noise, tt, acp).to(dtype)
             pred = adapter.predict_noise(model, x_t, tt, cond)
             loss = F.mse_loss(pred.float(), noise.float())
             value = float(loss.detach())
@@ -129,14 +115,7 @@ def _to(obj, device, dtype):
 
 def plot_losses(report: TimestepReport, path) -> None:
     """PNG of L_t against t with the stopping level T * L_max and the selected range marked."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..util import atomic_write_bytes
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(6, 3.6), dpi=120)
     ts = list(range(len(report.losses)))
     ax.plot(ts, report.losses, lw=1.2, label="$L_t$ (fixed batch, fixed noise)")
     if report.threshold > 0:
@@ -156,7 +135,4 @@ def plot_losses(report: TimestepReport, path) -> None:
     ax.legend(fontsize=7)
     ax.set_title("Diff-Pruning timestep selection", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)

@@ -2,15 +2,15 @@
 speed; nothing is downloaded), and the reference models this project trains and ships."""
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import torch
 
 from ..errors import DiffpruneError
+from ..structural.io import is_pruned, load_pruned
 from ..util import own_storage, read_json
-from .configs import CONFIGS
+from .configs import CONFIGS, random_model
 from .pipelines import PIPELINES
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
@@ -49,15 +49,7 @@ def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, weights:
     ckpt = CHECKPOINTS / name
     if weights and (ckpt / "config.json").exists():
         return load_model(ckpt, dtype=dtype)
-    import diffusers
-    entry = CONFIGS[name]
-    cls = getattr(diffusers, entry["class"])
-    torch.manual_seed(seed)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = cls(**entry["config"])
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    return model.eval()
+    return random_model(name, seed=seed, dtype=dtype, device=device)
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
@@ -71,8 +63,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
     if not p.is_dir():
         raise DiffpruneError(f"{path} is a file; point at a diffusers model or pipeline directory")
     import diffusers
-    if (p / "diffprune_pruned.json").exists():
-        from ..structural.io import load_pruned  # a pruned model: rebuilt module + safetensors
+    if is_pruned(p):  # a pruned model: rebuilt module + safetensors
         return load_pruned(p, dtype=dtype)
     if (p / "model_index.json").exists():
         try:

@@ -1,5 +1,10 @@
 """Configs of the zoo. Real-size entries follow the published model configs; tiny ones keep each family's
 structure (down/mid/up blocks, attention, conditioning) at a size that runs in milliseconds on a CPU."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -86,3 +91,17 @@ CONFIGS = {
 }
 for _v in CONFIGS.values():
     _v["class"] = _v.pop("class_")
+
+
+def random_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device | None = None) -> torch.nn.Module:
+    """CONFIGS[name] with random weights (seeded), in eval mode; "meta" as device makes shapes without memory."""
+    import diffusers  # slow to import: only when a model is built
+    entry = CONFIGS[name]
+    cls = getattr(diffusers, entry["class"])
+    torch.manual_seed(seed)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = cls(**entry["config"])
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model.eval()

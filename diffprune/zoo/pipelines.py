@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..util import output_directory
+from .configs import random_model
 
 # A few merges so the tokenizer is a real BPE (words merge into pieces), not only single bytes.
 _MERGES = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("in", "g</w>"), ("a", "n"), ("an", "d</w>"),
@@ -27,11 +28,10 @@ def tiny_sd_pipeline(seed: int = 0):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from . import build
 
     tokenizer = _tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
-        unet = build("tiny-sd", seed=seed, weights=False)
+        unet = random_model("tiny-sd", seed=seed)
         torch.manual_seed(seed + 1)
         vae = diffusers.AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
@@ -88,9 +88,8 @@ def tiny_flux_pipeline(seed: int = 0):
     import diffusers
     from transformers import T5Config, T5EncoderModel
 
-    from . import build
     with torch.random.fork_rng(devices=[]):
-        transformer = build("tiny-flux", seed=seed, weights=False)
+        transformer = random_model("tiny-flux", seed=seed)
         dim = transformer.config.joint_attention_dim
         vae = _tiny_vae(seed + 1, scaling_factor=0.3611, shift_factor=0.1159)
         clip, clip_tok = _tiny_clip(seed + 2, transformer.config.pooled_projection_dim)
@@ -113,9 +112,8 @@ def tiny_sd3_pipeline(seed: int = 0):
     import diffusers
     from transformers import T5Config, T5EncoderModel
 
-    from . import build
     with torch.random.fork_rng(devices=[]):
-        transformer = build("tiny-sd3", seed=seed, weights=False)
+        transformer = random_model("tiny-sd3", seed=seed)
         half = transformer.config.pooled_projection_dim // 2
         vae = _tiny_vae(seed + 1, scaling_factor=1.5305, shift_factor=0.0609)
         clip, clip_tok = _tiny_clip(seed + 2, half, projection=True)
