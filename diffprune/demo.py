@@ -1,9 +1,11 @@
 """`diffprune demo`: the whole story on the shipped fmnist-unet, every variant measured one way, in one report.
 
-Variants: the dense model; DiP-GO schedules at each ratio, thresholded from ONE pruner trained at the highest; the
-cheap baselines at the same MACs (DeepCache, fewer sampler steps); the Diff-Pruning model (PRUNED_MODEL); and that
-model under DiP-GO schedules from a second pruner trained on it, at the same total MACs as the others (its own
-ratio is higher, since its calls are already cheaper).
+Variants: the dense model; DiP-GO schedules at each ratio (shipped with the package for the default CPU settings,
+made by scripts/make_demo_schedules.py; else, or with --retrain, thresholded from ONE pruner trained here at the
+highest ratio); `search --method auto` at each ratio, whose searched grid gets rows of its own; the cheap baselines
+at the same MACs (DeepCache, fewer sampler steps); the Diff-Pruning model (PRUNED_MODEL); and that model under
+DiP-GO schedules made for it, at the same total MACs as the others (its own ratio is higher, since its calls are
+already cheaper).
 
 Every variant goes through diffprune.evaluate with the same seed, sample count and batch size, so all start from
 the same noise and labels: FD-FMNIST and class accuracy from the shipped classifier, SSIM to the dense samples.
@@ -62,7 +64,7 @@ class DemoSettings:
     quick: bool = False
     retrain: bool = False         # train the DiP-GO pruners here even where shipped schedules fit
     search_budget: int = 12       # evaluations of each search auto runs (searched grid, step reuse) ...
-    search_samples: int = 4       # ... on this many calibration samples
+    search_samples: int = 2       # ... on this many calibration samples (and auto's held-out score on as many)
     steps_reason: str = ("DDIM 20 instead of 50 so that the default run fits in 10 minutes on a 2-core CPU, "
                          "where 50 steps would take about 2.5 times as long")
 
@@ -73,9 +75,9 @@ class DemoSettings:
 
 
 def default_settings(device: str, quick: bool = False) -> DemoSettings:
-    """Defaults sized for the device. On a 2-core CPU the whole default run, both DiP-GO pruners' training
-    included, takes about 6 minutes when the machine is otherwise idle (each report lists its stage times);
-    --quick is a CI-sized smoke run whose numbers mean nothing."""
+    """Defaults sized for the device. On a 2-core CPU the default run uses the shipped DiP-GO schedules (made for
+    exactly these settings) and is meant to take under 5 minutes when the machine is otherwise idle (each report
+    lists its stage times and the load it saw); --quick is a CI-sized smoke run whose numbers mean nothing."""
     if quick:
         # 5 steps: fewer steps and the searched grid reach 0.6 and 0.8 exactly (2 and 1 calls)
         return DemoSettings(device=device, n_samples=10, steps=5, iterations=1, eval_batch=10, latency_repeats=1,
@@ -465,7 +467,7 @@ AUTO_FAMILIES = ("steps", "grid", "deepcache", "step-reuse")   # made here; DiP-
 
 def _auto(dense, s: DemoSettings, graph, learned, ev, record, variants, progress) -> dict:
     """search --method auto at each ratio, with the learned DiP-GO schedule as its DiP-GO candidate. The searched
-    grid and step reuse get rows of their own; the row of auto's pick is marked. Returns what auto found per ratio
+    grid gets a row of its own, step reuse one where auto picks it; the row of auto's pick is marked. Returns what auto found per ratio
     (results.json "auto")."""
     from .demo_report import FAMILY_NAMES
     from .schedule.auto import SHORTFALL, Candidate, auto_search, make_candidates, row
@@ -486,8 +488,8 @@ def _auto(dense, s: DemoSettings, graph, learned, ev, record, variants, progress
             best, summary = res.best.family, res.summary
         except DiffpruneError as e:  # no family reaches the ratio (few steps): said, not fatal
             best, summary = None, str(e)
-        for c in cands:
-            if c.family not in ("grid", "step-reuse"):
+        for c in cands:  # the searched grid gets a row; step reuse only when auto picks it (time: 5 minutes)
+            if c.family != "grid" and not (c.family == "step-reuse" and best == "step-reuse"):
                 continue
             key, name = f"{c.family}-{r:g}", f"{FAMILY_NAMES[c.family]} {r:g}"
             if c.schedule is None or c.skipped:
@@ -733,6 +735,8 @@ def write_report(tmp: Path, results: dict, art: dict, *, html: bool = False, sta
             continue
         name = f"heatmaps/{v['key']}.png"
         title = f"{v['name']} on {v['model']}: {v['macs_speedup']:.2f}x fewer MACs than dense"
+        if v.get("whole_step_reuse"):
+            title += " (whole-step reuse)"
         (tmp / name).write_bytes(schedule_heatmap(sched, art["graphs"][model_key], title=title))
         files["heatmaps"][v["key"]] = name
     curve = results["loss_curve"]

@@ -63,6 +63,8 @@ def main(argv=None) -> int:
                            check=True, cwd=ROOT, stderr=log)
         (out / name).with_suffix(".png").unlink(missing_ok=True)  # the demo draws its own heatmaps
         (out / f"{name}.log").unlink()
+        for lock in out.glob(f".{Path(name).stem}.*.lock"):  # the finished search's output claims
+            lock.unlink(missing_ok=True)
         return {"model": model, "level": level, "ratio": ratio, "file": name,
                 "command": "diffprune " + shlex.join([*cli, "--out", name]),
                 "seconds": round(time.perf_counter() - t, 1)}
