@@ -1,9 +1,11 @@
 """`diffprune demo`: the whole story on the shipped fmnist-unet, every variant measured one way, in one report.
 
-Variants: the dense model; DiP-GO schedules at each ratio, thresholded from ONE pruner trained at the highest; the
-cheap baselines at the same MACs (DeepCache, fewer sampler steps); the Diff-Pruning model (PRUNED_MODEL); and that
-model under DiP-GO schedules from a second pruner trained on it, at the same total MACs as the others (its own
-ratio is higher, since its calls are already cheaper).
+Variants: the dense model; DiP-GO schedules at each ratio (shipped with the package for the default CPU settings,
+made by scripts/make_demo_schedules.py; else, or with --retrain, thresholded from ONE pruner trained here at the
+highest ratio); `search --method auto` at each ratio, whose searched grid gets rows of its own; the cheap baselines
+at the same MACs (DeepCache, fewer sampler steps); the Diff-Pruning model (PRUNED_MODEL); and that model under
+DiP-GO schedules made for it, at the same total MACs as the others (its own ratio is higher, since its calls are
+already cheaper).
 
 Every variant goes through diffprune.evaluate with the same seed, sample count and batch size, so all start from
 the same noise and labels: FD-FMNIST and class accuracy from the shipped classifier, SSIM to the dense samples.
@@ -19,6 +21,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +38,9 @@ SAMPLER = "ddim"
 GUIDANCE = 2.0            # what the benchmarks use for the class-conditional models
 DEEPCACHE_DEPTH = 1
 BOOTSTRAP = 50            # resamples for the noise of FD and of paired differences
+# DiP-GO schedules for the default CPU settings, made by scripts/make_demo_schedules.py (manifest.json records the
+# commands): the default run thresholds nothing and trains nothing; --retrain trains pruners on the spot instead
+SHIPPED_SCHEDULES = Path(__file__).parent / "demo_schedules"
 
 
 @dataclasses.dataclass
@@ -56,6 +62,9 @@ class DemoSettings:
     curve_batch: int = 12         # ... on this many Fashion-MNIST training images
     grid_columns: int = 10
     quick: bool = False
+    retrain: bool = False         # train the DiP-GO pruners here even where shipped schedules fit
+    search_budget: int = 12       # evaluations of each search auto runs (searched grid, step reuse) ...
+    search_samples: int = 2       # ... on this many calibration samples (and auto's held-out score on as many)
     steps_reason: str = ("DDIM 20 instead of 50 so that the default run fits in 10 minutes on a 2-core CPU, "
                          "where 50 steps would take about 2.5 times as long")
 
@@ -66,17 +75,36 @@ class DemoSettings:
 
 
 def default_settings(device: str, quick: bool = False) -> DemoSettings:
-    """Defaults sized for the device. On a 2-core CPU the whole default run, both DiP-GO pruners' training
-    included, takes about 6 minutes when the machine is otherwise idle (each report lists its stage times);
-    --quick is a CI-sized smoke run whose numbers mean nothing."""
+    """Defaults sized for the device. On a 2-core CPU the default run uses the shipped DiP-GO schedules (made for
+    exactly these settings) and is meant to take under 5 minutes when the machine is otherwise idle (each report
+    lists its stage times and the load it saw); --quick is a CI-sized smoke run whose numbers mean nothing."""
     if quick:
-        return DemoSettings(device=device, n_samples=10, steps=4, iterations=1, eval_batch=10, latency_repeats=1,
-                            curve_stride=200, curve_batch=4, quick=True,
+        # 5 steps: fewer steps and the searched grid reach 0.6 and 0.8 exactly (2 and 1 calls)
+        return DemoSettings(device=device, n_samples=10, steps=5, iterations=1, eval_batch=10, latency_repeats=1,
+                            curve_stride=200, curve_batch=4, quick=True, search_budget=4, search_samples=2,
                             steps_reason="--quick: a smoke run; its numbers mean nothing")
     if device.startswith("cuda"):
         return DemoSettings(device=device, n_samples=1000, steps=50, iterations=30, dipgo_batch=4, eval_batch=250,
-                            latency_repeats=10, curve_stride=1, curve_batch=128, steps_reason="")
+                            latency_repeats=10, curve_stride=1, curve_batch=128, search_budget=32, search_samples=8,
+                            steps_reason="")
     return DemoSettings(device=device)
+
+
+def composed_ratio(level: float, pruned_share: float) -> float:
+    """The ratio of the pruned model's own MACs that gives the same total MACs as the dense model at `level`:
+    (1 - level) of dense = share * (1 - ratio)."""
+    return 1 - (1 - level) / pruned_share
+
+
+def pruned_macs_share() -> float:
+    """PRUNED_MODEL's MACs per call as a share of DENSE_MODEL's (coarse unit graphs)."""
+    from .models import build_graph
+    dense, pruned = _loaded(DENSE_MODEL, "cpu"), _loaded(PRUNED_MODEL, "cpu")
+    return build_graph(pruned, "coarse").total_macs / build_graph(dense, "coarse").total_macs
+
+
+def shipped_name(model: str, level: float) -> str:
+    return f"{model}-dipgo-{level:g}.json"
 
 
 def resolve_device(device: str) -> str:
@@ -153,14 +181,49 @@ def run_demo(out, settings: DemoSettings, *, force: bool = False, html: bool = F
     require_plotting(html)
     out = Path(out)
     check_target(out, force)
-    with output_directory(out, overwrite=force) as tmp:
-        stages = Stages(total=10, enabled=progress)
+    with output_directory(out, overwrite=force) as tmp, LoadSampler() as load:
+        stages = Stages(total=11, enabled=progress)
         results, artifacts = collect_results(settings, stages, progress)
+        results.setdefault("environment", {}).update(load.summary())
         with stages("report", "writing the report"):
             write_report(tmp, results, artifacts, html=html, stages=stages)
     if progress:
         print(f"[done] {out}/report.md in {stages.elapsed():.0f} s", file=sys.stderr, flush=True)
     return results
+
+
+class LoadSampler:
+    """The machine's 1-minute load average every `interval` seconds through the run, from a daemon thread: a burst
+    of other work in the middle of the run shows, not only the load at its start and end."""
+
+    def __init__(self, interval: float = 5.0):
+        self.interval, self.samples = interval, []
+        self._stop = threading.Event()
+        self._start = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="diffprune-load", daemon=True)
+
+    def _run(self):
+        while True:
+            load = _load()
+            if load is not None:
+                self.samples.append([round(time.perf_counter() - self._start, 1), load])
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        loads = [x for _, x in self.samples]
+        if not loads:
+            return {}
+        return {"load_samples": list(self.samples), "load_interval_s": self.interval, "load_min": min(loads),
+                "load_median": float(np.median(loads)), "load_max": max(loads)}
 
 
 def check_target(out: Path, force: bool):
@@ -229,42 +292,44 @@ def collect_results(s: DemoSettings, stages: Stages, progress: bool = True):
     def ev(model, **kw):
         return evaluate(model, reference_images=dense_images, **common, **kw)
 
-    top = max(s.ratios)
-    with stages("dipgo", f"DiP-GO on {DENSE_MODEL}: one pruner trained at {top:g} ({s.iterations} iterations x "
-                f"{s.dipgo_batch}), schedules at {', '.join(f'{r:g}' for r in s.ratios)}"):
-        dipgo_dense = _train(dense, top, s, graphs["dense"], progress)
+    with stages("dipgo", f"DiP-GO schedules on {DENSE_MODEL} at {', '.join(f'{r:g}' for r in s.ratios)}"):
+        learned = learned_schedules(DENSE_MODEL, dense, graphs["dense"], {r: r for r in s.ratios}, s, progress)
         for r in s.ratios:
-            sched, note = _threshold(dipgo_dense["result"], r, graphs["dense"])
+            sched, note = learned["schedules"][r]
             m, imgs = ev(dense, schedule=sched, num_steps=s.steps)
             record(f"dipgo-{r:g}", f"DiP-GO {r:g}", "dipgo", "dense", dense, m, imgs, level=r, schedule=sched,
-                   note=note)
+                   note=note, **_reuse_info(sched, graphs["dense"]))
 
     with stages("baselines", "baselines at the same MACs: DeepCache and fewer sampler steps"):
         _baselines(dense, s, graphs["dense"], ev, record, variants)
+
+    with stages("auto", f"search --method auto at each ratio: the searched grid, step reuse and the others scored on "
+                        f"held-out samples ({s.search_budget} evaluations x {s.search_samples} samples per search)"):
+        auto = _auto(dense, s, graphs["dense"], learned, ev, record, variants, progress)
 
     with stages("pruned", f"Diff-Pruning: {PRUNED_MODEL}"):
         m, imgs = ev(pruned, num_steps=s.steps)
         record("pruned", "Diff-Pruning", "pruned", "pruned", pruned, m, imgs)
 
     # the same total MACs as the dense variants at each level: (1 - r) of dense = share * (1 - r_pruned)
-    levels = {r: 1 - (1 - r) / pruned_share for r in s.ratios}
+    levels = {r: composed_ratio(r, pruned_share) for r in s.ratios}
     reachable = {r: rp for r, rp in levels.items() if rp > 0.01}
-    dipgo_pruned = None
-    with stages("composed", f"Diff-Pruning + DiP-GO: a second pruner trained on {PRUNED_MODEL}"
-                + (f" at {max(reachable.values()):.3f}, the same total MACs" if reachable else " (no ratio needs it)")):
+    learned_pruned = None
+    with stages("composed", f"Diff-Pruning + DiP-GO: schedules for {PRUNED_MODEL} at the same total MACs"):
         if reachable:
-            dipgo_pruned = _train(pruned, max(reachable.values()), s, graphs["pruned"], progress)
+            learned_pruned = learned_schedules(PRUNED_MODEL, pruned, graphs["pruned"], reachable, s, progress)
         for r in s.ratios:
             key, name = f"pruned-dipgo-{r:g}", f"Diff-Pruning + DiP-GO {r:g}"
             if r not in reachable:
                 variants.append(_unavailable(key, name, "pruned+dipgo", r, f"{PRUNED_MODEL} alone already prunes "
                                                                           f"{1 - pruned_share:.3f} of the MACs"))
                 continue
-            sched, note = _threshold(dipgo_pruned["result"], reachable[r], graphs["pruned"])
-            note = note or (f"the second pruner's schedule at ratio {reachable[r]:.3f} of {PRUNED_MODEL}'s own MACs, "
-                            f"so that the total matches the other variants at this level")
+            sched, note = learned_pruned["schedules"][r]
+            note = note or (f"a schedule at ratio {reachable[r]:.3f} of {PRUNED_MODEL}'s own MACs, so that the total "
+                            f"matches the other variants at this level")
             m, imgs = ev(pruned, schedule=sched, num_steps=s.steps)
-            record(key, name, "pruned+dipgo", "pruned", pruned, m, imgs, level=r, schedule=sched, note=note)
+            record(key, name, "pruned+dipgo", "pruned", pruned, m, imgs, level=r, schedule=sched, note=note,
+                   **_reuse_info(sched, graphs["pruned"]))
 
     with stages("latency", f"latency per rollout (batch 1, CFG), median of {s.latency_repeats}"):
         _latencies(variants, art, s, graphs, progress)
@@ -281,10 +346,9 @@ def collect_results(s: DemoSettings, stages: Stages, progress: bool = True):
                           "pruned_macs_share": pruned_share, "pruned_recipe": _pruned_meta().get("recipe")},
                "sampler": SAMPLER, "guidance_scale": GUIDANCE, "calls": calls, "dense_gmacs": dense_macs / 1e9,
                "variants": variants, "comparisons": comparisons,
-               "dipgo": {"dense": _training_summary(dipgo_dense),
-                         "pruned": _training_summary(dipgo_pruned) if dipgo_pruned else None},
-               "loss_curve": curve, "stage_seconds": stages.times}
-    art["dipgo"] = {"dense": dipgo_dense, "pruned": dipgo_pruned}
+               "dipgo": {"dense": _learned_summary(learned),
+                         "pruned": _learned_summary(learned_pruned) if learned_pruned else None},
+               "auto": auto, "loss_curve": curve, "stage_seconds": stages.times}
     return results, art
 
 
@@ -299,13 +363,82 @@ def environment(device: str) -> dict:
     return env
 
 
-def _train(model, target, s: DemoSettings, graph, progress) -> dict:
+def learned_schedules(model_name: str, model, graph, ratios: dict, s: DemoSettings, progress: bool = True) -> dict:
+    """DiP-GO schedules for `model` at each level's own ratio (ratios: level -> ratio of this model's MACs): the
+    shipped ones when they were made for these settings, else (and with s.retrain) one pruner trained here at the
+    highest ratio and thresholded at each. Returns {"source": "shipped" | "trained", "reason", "schedules":
+    {level: (schedule, note)}, "pruners": [what each pruner recorded of its training]}."""
+    reason = "--retrain asked for it" if s.retrain else shipped_mismatch(model_name, ratios, s)
+    if reason is None:
+        try:
+            return _load_shipped(model_name, model, graph, ratios, s)
+        except (DiffpruneError, OSError) as e:
+            reason = f"the shipped schedules do not load ({e})"
     from .schedule import train_pruner
+    top = max(ratios.values())
     t = time.perf_counter()
-    result = train_pruner(model, target=target, num_steps=s.steps, sampler=SAMPLER, graph=graph,
+    result = train_pruner(model, target=top, num_steps=s.steps, sampler=SAMPLER, graph=graph,
                           iterations=s.iterations, batch_size=s.dipgo_batch, lr=s.dipgo_lr, guidance_scale=GUIDANCE,
                           seed=s.seed, progress=progress)
-    return {"result": result, "seconds": time.perf_counter() - t, "target": target}
+    seconds = time.perf_counter() - t
+    hist = result.history
+    pruner = {"target": top, "seconds": round(seconds, 1), "iterations": len(hist), "config": result.config,
+              "first": hist[0] if hist else None, "last": hist[-1] if hist else None}
+    return {"source": "trained", "reason": reason, "pruners": [pruner],
+            "schedules": {level: _threshold(result, r, graph) for level, r in ratios.items()}}
+
+
+def shipped_manifest() -> dict | None:
+    from .util import read_json
+    try:
+        return read_json(SHIPPED_SCHEDULES / "manifest.json")
+    except FileNotFoundError:
+        return None
+
+
+def shipped_mismatch(model_name: str, ratios: dict, s: DemoSettings) -> str | None:
+    """None when the shipped schedules cover this model at these settings, else why not (said in the report)."""
+    man = shipped_manifest()
+    if man is None:
+        return "no schedules are shipped with this copy of diffprune"
+    ms = man.get("settings", {})
+    shipped = (f"the shipped ones are for {str(ms.get('sampler')).upper()} {ms.get('steps')}, CFG "
+               f"{ms.get('guidance_scale')}, seed {ms.get('seed')}, ratios {ms.get('ratios')}")
+    if (ms.get("steps"), ms.get("sampler"), ms.get("guidance_scale"), ms.get("seed")) != \
+            (s.steps, SAMPLER, GUIDANCE, s.seed):
+        return shipped
+    entries = {(e.get("model"), e.get("level")): e for e in man.get("schedules", [])}
+    for level, r in ratios.items():
+        e = entries.get((model_name, level))
+        if e is None or abs(float(e.get("ratio", -1)) - r) > 1e-3:
+            return shipped
+    return None
+
+
+def _load_shipped(model_name: str, model, graph, ratios: dict, s: DemoSettings) -> dict:
+    from .schedule import Schedule
+    man = shipped_manifest()
+    entries = {(e["model"], e["level"]): e for e in man["schedules"]}
+    schedules, pruners = {}, []
+    for level, r in ratios.items():
+        e = entries[(model_name, level)]
+        sched = Schedule.load(SHIPPED_SCHEDULES / e["file"])
+        sched.check(graph, model=model, sampler=SAMPLER, num_steps=s.steps)
+        got = sched.pruned_ratio(graph)
+        note = (f"its schedule prunes {got:.3f} of the MACs, not {r:.3f}" if abs(got - r) >= 0.0125 else None)
+        schedules[level] = (sched, note)
+        training = dict(sched.meta.get("training") or {})
+        first, last = training.pop("first", None), training.pop("last", None)
+        pruners.append({"target": r, "seconds": e.get("seconds"), "iterations": training.get("iterations"),
+                        "config": training, "first": first, "last": last, "command": e.get("command"),
+                        "file": e["file"]})
+    return {"source": "shipped", "reason": f"made by `{man.get('made_by')}` (commit {man.get('commit')}, "
+                                           f"{man.get('date')}); --retrain trains them here instead",
+            "schedules": schedules, "pruners": pruners}
+
+
+def _learned_summary(learned: dict) -> dict:
+    return {k: learned[k] for k in ("source", "reason", "pruners")}
 
 
 def _threshold(result, ratio, graph):
@@ -321,11 +454,57 @@ def _threshold(result, ratio, graph):
     return sched, note
 
 
-def _training_summary(d) -> dict:
-    r = d["result"]
-    hist = r.history
-    return {"target": d["target"], "seconds": round(d["seconds"], 1), "iterations": len(hist),
-            "config": r.config, "first": hist[0] if hist else None, "last": hist[-1] if hist else None}
+def _reuse_info(sched, graph) -> dict:
+    """What the schedule records of its shape: whole-step reuse (every call computes all units or none)?"""
+    from .schedule.schedule import collapse_report
+    c = collapse_report(sched.table, graph)
+    return {"whole_step_reuse": bool(c["collapsed"]), "calls_full": len(c["full_steps"]),
+            "calls_reused": len(c["reuse_steps"]), "calls_partial": len(c["partial_steps"])}
+
+
+AUTO_FAMILIES = ("steps", "grid", "deepcache", "step-reuse")   # made here; DiP-GO's candidate is the learned schedule
+
+
+def _auto(dense, s: DemoSettings, graph, learned, ev, record, variants, progress) -> dict:
+    """search --method auto at each ratio, with the learned DiP-GO schedule as its DiP-GO candidate. The searched
+    grid gets a row of its own, step reuse one where auto picks it; the row of auto's pick is marked. Returns what auto found per ratio
+    (results.json "auto")."""
+    from .demo_report import FAMILY_NAMES
+    from .schedule.auto import SHORTFALL, Candidate, auto_search, make_candidates, row
+    out = {}
+    for r in s.ratios:
+        cands = make_candidates(dense, [r], graph=graph, families=AUTO_FAMILIES, progress=False,
+                                budget=s.search_budget, n_samples=s.search_samples, seed=s.seed, steps=s.steps,
+                                sampler=SAMPLER, guidance_scale=GUIDANCE)
+        sched = learned["schedules"][r][0]
+        dip = Candidate("dipgo", r, schedule=sched, pruned_ratio=float(sched.pruned_ratio(graph)),
+                        macs=int(sched.macs(graph)))
+        if dip.pruned_ratio < r - SHORTFALL:
+            dip.skipped = f"reaches only a pruned ratio of {dip.pruned_ratio:.3f}, not {r}"
+        cands.append(dip)
+        try:
+            res = auto_search(dense, r, steps=s.steps, sampler=SAMPLER, graph=graph, n_samples=s.search_samples,
+                              guidance_scale=GUIDANCE, seed=s.seed, candidates=cands, progress=False)
+            best, summary = res.best.family, res.summary
+        except DiffpruneError as e:  # no family reaches the ratio (few steps): said, not fatal
+            best, summary = None, str(e)
+        for c in cands:  # the searched grid gets a row; step reuse only when auto picks it (time: 5 minutes)
+            if c.family != "grid" and not (c.family == "step-reuse" and best == "step-reuse"):
+                continue
+            key, name = f"{c.family}-{r:g}", f"{FAMILY_NAMES[c.family]} {r:g}"
+            if c.schedule is None or c.skipped:
+                variants.append(_unavailable(key, name, c.family, r, c.skipped))
+                continue
+            m, imgs = ev(dense, schedule=c.schedule, num_steps=s.steps)
+            note = c.schedule.meta.get("ratio_note") or c.schedule.meta.get("note")
+            record(key, name, c.family, "dense", dense, m, imgs, level=r, schedule=c.schedule, note=note,
+                   **_reuse_info(c.schedule, graph))
+        for v in variants:
+            if v.get("level") == r and v["method"] == best and v["available"]:
+                v["auto"] = "picked"
+        out[f"{r:g}"] = {"best": best, "summary": summary, "held_out_seed": s.seed + 1,
+                         "n_samples": s.search_samples, "candidates": [row(c) for c in cands]}
+    return out
 
 
 def _unavailable(key, name, method, level, note) -> dict:
@@ -346,20 +525,27 @@ def _baselines(dense, s: DemoSettings, graph, ev, record, variants):
             sched = search_schedule(dense, "deepcache", ratio=r, steps=s.steps, sampler=SAMPLER, graph=graph,
                                     depth=DEEPCACHE_DEPTH, progress=False)
         except DiffpruneError:
-            variants.append(_unavailable(f"deepcache-{r:g}", f"DeepCache {r:g}", "deepcache", r,
-                                         f"prunes at most {cap:.3f} of the MACs of a {s.steps}-step rollout here "
-                                         f"(depth {DEEPCACHE_DEPTH}): its shallow branch runs at every step"))
+            v = _unavailable(f"deepcache-{r:g}", f"DeepCache {r:g}", "deepcache", r,
+                             f"prunes at most {cap:.3f} of the MACs of a {s.steps}-step rollout here (depth "
+                             f"{DEEPCACHE_DEPTH}): its shallow branch runs at every step")
+            variants.append({**v, "capped": True, "reached_ratio": cap})
             continue
+        got = sched.pruned_ratio(graph)
+        capped = r - got >= 0.0125  # DeepCache's nearest schedule prunes visibly less: it sits at its cap
+        name = f"DeepCache {r:g}" + (f" (capped: {got:.3f})" if capped else "")
         m, imgs = ev(dense, schedule=sched, num_steps=s.steps)
-        record(f"deepcache-{r:g}", f"DeepCache {r:g}", "deepcache", "dense", dense, m, imgs, level=r, schedule=sched,
-               note=sched.meta.get("ratio_note"))
+        record(f"deepcache-{r:g}", name, "deepcache", "dense", dense, m, imgs, level=r, schedule=sched,
+               note=(f"at its cap: prunes {got:.3f} of the MACs, not {r:g} (one full step in {s.steps}; its shallow "
+                     f"branch runs at every step)") if capped else sched.meta.get("ratio_note"),
+               capped=capped, reached_ratio=got)
         reached.append(r)
     if not reached:  # no asked ratio is reachable: show it at the most it can do, labelled as such
         sched = search_schedule(dense, "deepcache", ratio=cap, steps=s.steps, sampler=SAMPLER, graph=graph,
                                 depth=DEEPCACHE_DEPTH, progress=False)
         m, imgs = ev(dense, schedule=sched, num_steps=s.steps)
-        record(f"deepcache-cap", f"DeepCache {cap:.2f} (its cap)", "deepcache", "dense", dense, m, imgs,
-               schedule=sched, note="not at an asked ratio: the most DeepCache prunes here")
+        record("deepcache-cap", f"DeepCache (capped: {cap:.3f})", "deepcache", "dense", dense, m, imgs,
+               schedule=sched, note="not at an asked ratio: the most DeepCache prunes here", capped=True,
+               reached_ratio=cap)
     for r in s.ratios:
         k = fewer_steps_count(SAMPLER, s.steps, r)
         m, imgs = ev(dense, num_steps=k)
@@ -549,6 +735,8 @@ def write_report(tmp: Path, results: dict, art: dict, *, html: bool = False, sta
             continue
         name = f"heatmaps/{v['key']}.png"
         title = f"{v['name']} on {v['model']}: {v['macs_speedup']:.2f}x fewer MACs than dense"
+        if v.get("whole_step_reuse"):
+            title += " (whole-step reuse)"
         (tmp / name).write_bytes(schedule_heatmap(sched, art["graphs"][model_key], title=title))
         files["heatmaps"][v["key"]] = name
     curve = results["loss_curve"]

@@ -24,14 +24,18 @@ TABLE_COLUMNS = [
     ("fd_fmnist", "FD-FMNIST", "{:.2f}"),
     ("ssim_to_dense", "SSIM to dense", "{:.3f}"),
     ("class_accuracy", "class acc", "{:.3f}"),
+    ("auto", "auto's pick", "{}"),
 ]
 NOT_AVAILABLE = "n/a at this ratio"
+FAMILY_NAMES = {"steps": "fewer steps", "grid": "searched grid", "deepcache": "DeepCache", "step-reuse": "step reuse",
+                "dipgo": "DiP-GO", "pruned+dipgo": "Diff-Pruning + DiP-GO", "pruned": "Diff-Pruning", "dense": "dense"}
 
 # one look per method, shared by the trade-off plot's points and legend
 STYLE = {"dense": ("black", "*", "dense"), "dipgo": ("tab:green", "o", "DiP-GO (learned schedule)"),
          "deepcache": ("tab:orange", "s", "DeepCache"), "steps": ("tab:blue", "^", "fewer sampler steps"),
          "pruned": ("tab:purple", "D", "Diff-Pruning (structural)"),
-         "pruned+dipgo": ("tab:red", "P", "Diff-Pruning + DiP-GO")}
+         "pruned+dipgo": ("tab:red", "P", "Diff-Pruning + DiP-GO"),
+         "grid": ("tab:cyan", "v", "searched grid"), "step-reuse": ("tab:brown", "<", "step reuse (searched)")}
 
 
 def cell(v: dict, key: str, fmt: str) -> str:
@@ -46,9 +50,16 @@ def table(variants: list[dict]) -> str:
         if v["available"]:
             cells = [cell(v, k, f) for k, _, f in TABLE_COLUMNS]
         else:
-            cells = [v["name"], NOT_AVAILABLE] + ["-"] * (len(TABLE_COLUMNS) - 2)
+            cells = [v["name"], unavailable_cell(v)] + ["-"] * (len(TABLE_COLUMNS) - 2)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def unavailable_cell(v: dict) -> str:
+    """A row without numbers: capped (with the ratio the method reaches at most) or simply not available."""
+    if v.get("capped") and v.get("reached_ratio") is not None:
+        return f"capped at {v['reached_ratio']:.3f}"
+    return NOT_AVAILABLE
 
 
 def grid_caption(v: dict) -> str:
@@ -73,6 +84,85 @@ def _pair(results, a, b):
     return None
 
 
+def beats(results, a: dict, b: dict) -> bool:
+    """a is better than b beyond noise in FD-FMNIST or SSIM to dense, and worse beyond noise in neither."""
+    c = _pair(results, a["key"], b["key"])
+    verdicts = (_verdict(c["fd_diff"], c["fd_diff_sd"], True), _verdict(c["ssim_diff"], c["ssim_diff_se"], False))
+    return "better" in verdicts and "worse" not in verdicts
+
+
+def level_verdict(results: dict, level: float) -> dict:
+    """The winner at one matched MACs level: the variant that beats (see beats) every other one there. Capped rows
+    prune less than the level, so they are not in the contest. Without a winner, "front" holds the variants no
+    other one beats: what the noise (or a trade-off between the two metrics) leaves standing."""
+    group = [v for v in results["variants"] if v["available"] and v.get("level") == level]
+    contest = [v for v in group if not short_of(v, level)]
+    out = {"level": level, "contest": contest, "out": [v for v in group if short_of(v, level)], "winner": None,
+           "front": []}
+    for a in contest:
+        if len(contest) > 1 and all(beats(results, a, b) for b in contest if b is not a):
+            out["winner"] = a
+            return out
+    out["front"] = [a for a in contest if not any(beats(results, b, a) for b in contest if b is not a)]
+    return out
+
+
+SHORT = 0.0125  # a variant pruning less than its level by this much is cheaper to beat: not in the contest
+
+
+def achieved(v: dict) -> float:
+    """The share of the dense rollout's MACs the variant prunes."""
+    return v["reached_ratio"] if v.get("reached_ratio") is not None else 1 - 1 / v["macs_speedup"]
+
+
+def short_of(v: dict, level: float) -> bool:
+    return bool(v.get("capped")) or achieved(v) < level - SHORT
+
+
+def _family(v: dict) -> str:
+    return FAMILY_NAMES.get(v["method"], v["method"])
+
+
+def _figures(v: dict) -> str:
+    return f"SSIM {v['ssim_to_dense']:.3f}, FD {v['fd_fmnist']:.2f}"
+
+
+def winner_sentence(results: dict, level: float, speed: str = "") -> str:
+    """One sentence: who wins at this level and the evidence, or that the noise leaves no winner."""
+    d = level_verdict(results, level)
+    head = f"**Ratio {level:g}{f' ({speed} fewer MACs)' if speed else ''}:** "
+    contest = d["contest"]
+    if not contest:
+        return head + "no variant reaches this ratio."
+    if len(contest) == 1:
+        return head + f"only {contest[0]['name']} reaches it ({_figures(contest[0])}), so there is nothing to compare."
+    w = d["winner"]
+    if w is not None:
+        runner = max((v for v in contest if v is not w), key=lambda v: v["ssim_to_dense"])
+        c = _pair(results, w["key"], runner["key"])
+        return head + (f"**{_family(w)} wins** with {w['name']} ({_figures(w)}): against the runner-up "
+                       f"{runner['name']} ({_figures(runner)}) it is "
+                       f"{_beyond(_verdict(c['ssim_diff'], c['ssim_diff_se'], False))} in SSIM and "
+                       f"{_beyond(_verdict(c['fd_diff'], c['fd_diff_sd'], True))} in FD, and no variant at this "
+                       f"level is better beyond noise in either.")
+    front = sorted(d["front"], key=lambda v: -v["ssim_to_dense"])
+    names = " and ".join(f"{v['name']} ({_figures(v)})" for v in front) if len(front) <= 2 else \
+        ", ".join(f"{v['name']} ({_figures(v)})" for v in front[:-1]) + f" and {front[-1]['name']} ({_figures(front[-1])})"
+    if len(front) == 2:
+        c = _pair(results, front[0]["key"], front[1]["key"])
+        vs, vf = _verdict(c["ssim_diff"], c["ssim_diff_se"], False), _verdict(c["fd_diff"], c["fd_diff_sd"], True)
+        if "within noise" == vs == vf:
+            why = "are within noise of each other in both SSIM and FD"
+        else:
+            why = (f"trade off: {front[0]['name']} is {_beyond(vs)} in SSIM and {_beyond(vf)} in FD")
+    else:
+        why = "are not separated beyond noise"
+    rest = len(contest) - len(front)
+    return head + (f"**no clear winner**: {names} {why}"
+                   + (f"; the other {rest} variant{'s are' if rest > 1 else ' is'} worse beyond noise" if rest else "")
+                   + ".")
+
+
 def reading(results: dict) -> list[str]:
     """Bullet points stating what the numbers show, each computed from them."""
     vs = {v["key"]: v for v in results["variants"]}
@@ -90,31 +180,43 @@ def reading(results: dict) -> list[str]:
             continue
         lo, hi = min(v["macs_speedup"] for v in level), max(v["macs_speedup"] for v in level)
         speed = f"about {lo:.1f}x" if hi / lo < 1.05 else f"{lo:.1f}x to {hi:.1f}x"
-        best_fd = min(level, key=lambda v: v["fd_fmnist"])
-        best_ss = max(level, key=lambda v: v["ssim_to_dense"])
-        text = (f"**Pruned MACs ratio {r:g} ({speed} fewer MACs):** best FD-FMNIST {best_fd['fd_fmnist']:.2f} by "
-                f"{best_fd['name']}{_ties(results, best_fd, level, 'fd')}; best SSIM to dense "
-                f"{best_ss['ssim_to_dense']:.3f} by {best_ss['name']}{_ties(results, best_ss, level, 'ssim')}.")
+        text = winner_sentence(results, r, speed)
         learned = next((v for v in level if v["method"] == "dipgo"), None)
         if learned is not None:
             for other in level:
                 if other is learned:
                     continue
                 c = _pair(results, learned["key"], other["key"])
-                vf = _verdict(c["fd_diff"], c["fd_diff_sd"], True)
-                vss = _verdict(c["ssim_diff"], c["ssim_diff_se"], False)
-                tally[vf] += 1
-                tally[vss] += 1
-                text += (f" DiP-GO vs {other['name']}: FD {learned['fd_fmnist']:.2f} vs {other['fd_fmnist']:.2f} "
-                         f"({_say(vf)}), SSIM {learned['ssim_to_dense']:.3f} vs {other['ssim_to_dense']:.3f} "
-                         f"({_say(vss)}).")
+                tally[_verdict(c["fd_diff"], c["fd_diff_sd"], True)] += 1
+                tally[_verdict(c["ssim_diff"], c["ssim_diff_se"], False)] += 1
+        for v in level:
+            if short_of(v, r):
+                text += (f" {v['name']} {'sits at its cap: it ' if v.get('capped') else ''}prunes only "
+                         f"{achieved(v):.3f} of the MACs, not {r:g}, so it is shown but not in the contest.")
         for v in missing:
-            text += f" {v['name'].rsplit(' ', 1)[0]} is n/a at this ratio: it {v['note']}."
+            text += f" {_family(v)} is n/a at this ratio: it {v['note']}."
         out.append(text)
     if sum(tally.values()):
         out.append(f"Over all matched levels, the learned DiP-GO schedule is better in {tally['better']}, worse in "
                    f"{tally['worse']} and within noise in {tally['within noise']} of its "
                    f"{sum(tally.values())} paired comparisons (FD-FMNIST and SSIM each count once).")
+    out += shape_lines(avail)
+    auto = results.get("auto") or {}
+    if auto:
+        parts = []
+        for r, a in auto.items():
+            if a["best"] is None:
+                parts.append(f"nothing at {r} (no family reaches it)")
+                continue
+            table_winner = level_verdict(results, float(r))["winner"]
+            agree = ("the table's winner too" if table_winner is not None and table_winner["method"] == a["best"] else
+                     f"the table's winner is {_family(table_winner)}" if table_winner is not None else
+                     "the table names no winner at this ratio")
+            parts.append(f"{FAMILY_NAMES.get(a['best'], a['best'])} at {r} ({agree})")
+        first = next(iter(auto.values()))
+        out.append(f"`search --method auto` (held-out SSIM to dense on {first['n_samples']} samples from seed "
+                   f"{first['held_out_seed']}, its own pick, marked in the table) picked " + "; ".join(parts)
+                   + ". Its few samples make its pick a cheap guess; the table's 'wins' are measured on all samples.")
     if "pruned" in vs and vs["pruned"]["available"]:
         p = vs["pruned"]
         c = _pair(results, "pruned", "dense")
@@ -142,10 +244,12 @@ def reading(results: dict) -> list[str]:
                 f"{env.get('gpu') or env['device']}")
         text += (": MACs leave out the sampler's own work, CFG arithmetic and the schedule runtime."
                  if max(ratios) <= 1 else ".")
-        loads = [x for x in (env.get("load_average_start"), env.get("load_average_end")) if x is not None]
+        loads = [x for _, x in env.get("load_samples") or []] or \
+            [x for x in (env.get("load_average_start"), env.get("load_average_end")) if x is not None]
         if env["device"] == "cpu" and loads and max(loads) > (env.get("cpu_count") or 1):
-            text += (f" The CPU load average reached {max(loads):g} on {env.get('cpu_count')} cores during the run: "
-                     f"other processes competed for them, so latencies are inflated and noisy.")
+            text += (f" The CPU load average, sampled through the run, reached {max(loads):g} on "
+                     f"{env.get('cpu_count')} cores (median {float(np.median(loads)):g}): other processes competed "
+                     f"for them, so latencies are inflated and noisy.")
         # trust the measured speedups by how well one variant's repeats agree, not by how far they are from the
         # MACs speedups: on a GPU they are far apart for a real reason
         spreads = [(v["latency_max_ms"] - v["latency_min_ms"]) / v["latency_ms"] for v in avail
@@ -160,22 +264,59 @@ def reading(results: dict) -> list[str]:
                      "of its kernels." if env["device"] != "cpu" else ".")
         out.append(text)
     for which, label in (("dense", results["models"]["dense"]), ("pruned", results["models"]["pruned"])):
-        t = results["dipgo"].get(which)
-        if t and t.get("last"):
-            last = t["last"]
-            text = (f"The DiP-GO pruner on {label} trained {_n(t['iterations'], 'iteration')} (batch "
-                    f"{t['config'].get('batch_size')}) in {t['seconds']:.0f} s at target {t['target']:.3f}; at the "
-                    f"end its hard gates kept {last['kept_macs']:.2f} of the MACs (consistency loss "
-                    f"{last['consistency']:.4f}).")
-            if last["kept_macs"] > 1 - 1e-6:
-                text += (" Its gates never flipped in this budget: the schedules come from ranking its keep scores "
-                         "(DiP-GO's post-processing), so they reflect little learning.")
-            out.append(text)
+        out += training_lines(results["dipgo"].get(which), label)
     fd_sd = [v["fd_sd"] for v in avail]
     out.append(f"Noise: {s['n_samples']} samples per variant. FD-FMNIST is biased upward at small sample counts "
                f"(compare rows only within this table); its bootstrap s.d. here is {min(fd_sd):.2f} to "
                f"{max(fd_sd):.2f}. \"Within noise\" means the paired difference (same noise and labels) is within "
                f"2 bootstrap s.d. (FD) or 2 standard errors (SSIM); rankings inside it are not findings.")
+    return out
+
+
+def shape_lines(avail: list[dict]) -> list[str]:
+    """Which learned and searched schedules are whole-step reuse (each records its shape): those are a grid
+    of full steps, better judged against fewer steps and step reuse than as block skipping."""
+    learned = [v for v in avail if v["method"] in ("dipgo", "pruned+dipgo") and "whole_step_reuse" in v]
+    if not learned:
+        return []
+    whole = [v for v in learned if v["whole_step_reuse"]]
+    parts = [f"{v['name']} ({_n(v['calls_full'], 'call')} in full, {v['calls_reused']} reused)" for v in whole]
+    text = ""
+    if whole:
+        text = (", ".join(parts) + (" are" if len(whole) > 1 else " is") + " whole-step reuse: every denoiser call "
+                "computes all units or none, so the learned schedule is a choice of full steps, the same family as "
+                "step reuse and fewer steps.")
+    partial = [v for v in learned if not v["whole_step_reuse"]]
+    if partial:
+        text += (" " if text else "") + "Block skipping: " + ", ".join(
+            f"{v['name']} computes part of the model in {v['calls_partial']} calls" for v in partial) + "."
+    return [text]
+
+
+def training_lines(t: dict | None, label: str) -> list[str]:
+    """Where the DiP-GO schedules of one model came from (shipped or trained here) and how their training went."""
+    if not t:
+        return []
+    if "source" not in t:  # a results.json from before schedules were shipped: one pruner, trained in the run
+        t = {"source": "trained", "reason": "the demo trained its pruners in every run", "pruners": [t]}
+    out = []
+    if t["source"] == "shipped":
+        out.append(f"The DiP-GO schedules on {label} are shipped with the package, {t['reason']}.")
+    else:
+        out.append(f"The DiP-GO schedules on {label} were trained here: {t['reason']}.")
+    for p in t["pruners"]:
+        last = p.get("last")
+        if not last:
+            continue
+        cfg = p.get("config") or {}
+        text = (f"Its pruner at target {p['target']:.3f} trained {_n(p['iterations'] or 0, 'iteration')} (batch "
+                f"{cfg.get('batch_size')})" + (f" in {p['seconds']:.0f} s" if p.get("seconds") is not None else "")
+                + f"; at the end its hard gates kept {last['kept_macs']:.2f} of the MACs (consistency loss "
+                f"{last['consistency']:.4f}).")
+        if last["kept_macs"] > 1 - 1e-6:
+            text += (" Its gates never flipped in this budget: the schedule comes from ranking its keep scores "
+                     "(DiP-GO's post-processing), so it reflects little learning.")
+        out[-1] += " " + text
     return out
 
 
@@ -213,15 +354,12 @@ def markdown(results: dict) -> str:
     dense = next(v for v in results["variants"] if v["key"] == "dense")
     device = env["device"] + (f" ({env['gpu']})" if env.get("gpu") else "")
     device += f", torch {env['torch']}, {env['torch_threads']} threads, {env['cpu_count']} CPU cores"
-    if env.get("load_average_start") is not None:
+    if env.get("load_max") is not None:
+        device += (f", 1-minute load average sampled every {env['load_interval_s']:g} s through the run: min "
+                   f"{env['load_min']:g}, median {env['load_median']:g}, max {env['load_max']:g}")
+    elif env.get("load_average_start") is not None:
         device += f", load average {env['load_average_start']:g} at the start, {env.get('load_average_end')} at the end"
-    dp = results["dipgo"]
-    budget = (f"{_n(s['iterations'], 'iteration')} x {_n(s['dipgo_batch'], 'sample')}; one pruner on {m['dense']} "
-              f"trained at ratio {dp['dense']['target']:.3f} ({dp['dense']['seconds']:.0f} s) gives every DiP-GO "
-              f"schedule of {m['dense']}")
-    if dp.get("pruned"):
-        budget += (f"; a second pruner on {m['pruned']} trained at {dp['pruned']['target']:.3f} "
-                   f"({dp['pruned']['seconds']:.0f} s) gives the Diff-Pruning + DiP-GO schedules")
+    budget = "; ".join(_budget(results["dipgo"][k], m[k], s) for k in ("dense", "pruned") if results["dipgo"].get(k))
     steps = f"{results['sampler'].upper()} {s['steps']} steps, classifier-free guidance {results['guidance_scale']:g}"
     if s.get("steps_reason"):
         steps += f" ({s['steps_reason']})"
@@ -264,8 +402,9 @@ def markdown(results: dict) -> str:
               "Error bars: bootstrap s.d. of FD-FMNIST, standard error of SSIM. Dotted lines: the matched MACs levels.",
               "", f"![MACs vs quality]({f['tradeoff']})", "",
               "## Schedules", "",
-              "Which units each denoiser call computes (green), reuses from its cache (light) or keeps but need not "
-              "compute because nothing live reads them (cascade).", ""]
+              "Which units each denoiser call computes (dark green: the only colour that costs MACs); every light "
+              "colour is not computed: reused from its cache, kept but not computed because nothing live reads it "
+              "(cascade), a whole step reused, or a step dropped from the grid.", ""]
     for key, path in f["heatmaps"].items():
         name = next(v["name"] for v in results["variants"] if v["key"] == key)
         lines += [f"### {name}", "", f"![{name} schedule]({path})", ""]
@@ -280,6 +419,18 @@ def markdown(results: dict) -> str:
                                                                     else ""),
               "- `schedules/*.json`: the schedules, usable with `diffprune sample --schedule` / `diffprune bench`", ""]
     return "\n".join(lines)
+
+
+def _budget(t: dict, label: str, s: dict) -> str:
+    if "source" not in t:  # a results.json from before schedules were shipped
+        t = {"source": "trained", "reason": "every run trained", "pruners": [t]}
+    if t["source"] == "shipped":
+        return (f"{label}: shipped schedules, one pruner per ratio ({', '.join(str(p.get('command')) for p in t['pruners'])}"
+                f"; `--retrain` trains here instead)")
+    p = t["pruners"][0]
+    return (f"{label}: trained here ({t['reason']}), one pruner of {_n(s['iterations'], 'iteration')} x "
+            f"{_n(s['dipgo_batch'], 'sample')} at ratio {p['target']:.3f} ({p['seconds']:.0f} s), thresholded at each "
+            f"ratio")
 
 
 def _curve_text(curve: dict, m: dict) -> str:
@@ -337,54 +488,124 @@ def sample_grid_png(rows, column_labels) -> bytes:
     return _png(fig)
 
 
-# label offsets (points) and a small sideways shift (share of the x range) per method, so that variants at the
-# same MACs stay legible
-PLACE = {"dense": ((-8, 8), 0.0), "dipgo": ((7, -11), -0.012), "steps": ((7, 5), 0.012),
-         "deepcache": ((7, 5), -0.024), "pruned": ((7, 5), 0.0), "pruned+dipgo": ((7, 5), 0.024)}
+# a small sideways shift (share of the x range) per method, so that variants at the same MACs stay apart
+SHIFT = {"dense": 0.0, "dipgo": -0.012, "steps": 0.012, "deepcache": -0.024, "pruned": 0.0, "pruned+dipgo": 0.024,
+         "grid": 0.006, "step-reuse": -0.006}
+# where a label may go around its point (offset in points, alignment), nearest first
+LABEL_SPOTS = [((5, 3), "left", "bottom"), ((5, -3), "left", "top"), ((-5, 3), "right", "bottom"),
+               ((-5, -3), "right", "top"), ((0, 7), "center", "bottom"), ((0, -7), "center", "top"),
+               ((12, 10), "left", "bottom"), ((12, -10), "left", "top"), ((-12, 10), "right", "bottom"),
+               ((-12, -10), "right", "top"), ((0, 18), "center", "bottom"), ((0, -18), "center", "top"),
+               ((22, 0), "left", "center"), ((-22, 0), "right", "center")]
+
+
+def axis_range(values, errors, higher_better: bool) -> tuple[float, float, list[int]]:
+    """(low, high, outliers): a y range that shows the interesting values. A value beyond 3 interquartile ranges
+    on the bad side of the quartiles is an outlier: it is marked at the edge instead of stretching the axis."""
+    v = np.asarray(values, dtype=float)
+    e = np.asarray(errors, dtype=float)
+    q1, q3 = np.percentile(v, [25, 75])
+    iqr = max(q3 - q1, 0.02 * max(abs(float(np.median(v))), 1e-6))
+    bad = v < q1 - 3 * iqr if higher_better else v > q3 + 3 * iqr
+    keep = ~bad
+    lo, hi = float((v - e)[keep].min()), float((v + e)[keep].max())
+    pad = 0.08 * max(hi - lo, 1e-6)
+    return lo - pad, hi + pad, [int(i) for i in np.flatnonzero(bad)]
+
+
+def place_labels(ax, points, texts, colors, fontsize=7) -> list:
+    """Annotate each (x, y) point with its text at the first of LABEL_SPOTS where the label overlaps no other
+    label, no point and stays inside the axes (else where it overlaps least). Call after the limits and layout
+    are final: placement is done in display coordinates."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    marks = [ax.transData.transform(p) for p in points]
+    obstacles = [(x - 4, y - 4, x + 4, y + 4) for x, y in marks]
+    placed = []
+
+    def overlap(a, b):
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    for (x, y), text, color in zip(points, texts, colors):
+        best = None
+        for offset, ha, va in LABEL_SPOTS:
+            t = ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, ha=ha, va=va,
+                            fontsize=fontsize, color=color)
+            bb = t.get_window_extent(renderer)
+            box = (bb.x0, bb.y0, bb.x1, bb.y1)
+            outside = (bb.x0 < frame.x0) + (bb.x1 > frame.x1) + (bb.y0 < frame.y0) + (bb.y1 > frame.y1)
+            cost = sum(overlap(box, o) for o in obstacles) + 1e4 * outside
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, t, box)
+            else:
+                t.remove()
+            if cost == 0:
+                break
+        obstacles.append(best[2])
+        placed.append(best[1])
+    return placed
 
 
 def tradeoff_png(results: dict) -> bytes:
+    fig = tradeoff_figure(results)
+    return _png(fig)
+
+
+def tradeoff_figure(results: dict):
+    """MACs against FD-FMNIST and SSIM to dense, one point per variant; labels placed so they do not overlap,
+    one legend for both panels, outliers marked at the axis edge with their value."""
     plt = _plt()
+    from matplotlib.lines import Line2D
     variants = [v for v in results["variants"] if v["available"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), dpi=120)
-    panels = (("fd_fmnist", "fd_sd", "FD-FMNIST (lower is better)"),
-              ("ssim_to_dense", "ssim_se", "SSIM to dense samples (higher is better)"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), dpi=120)
+    panels = (("fd_fmnist", "fd_sd", "FD-FMNIST (lower is better)", False),
+              ("ssim_to_dense", "ssim_se", "SSIM to dense samples (higher is better)", True))
     span = results["dense_gmacs"]
-    for ax, (key, err, title) in zip(axes, panels):
+    labels = []
+    for ax, (key, err, title, higher) in zip(axes, panels):
+        lo, hi, out_idx = axis_range([v[key] for v in variants], [v.get(err) or 0 for v in variants], higher)
+        outliers = {variants[i]["key"] for i in out_idx}
         for r in results["settings"]["ratios"]:
             ax.axvline((1 - r) * span, color="#999999", ls=":", lw=0.8)
+        pts_all = []
         for method, (color, marker, label) in STYLE.items():
             pts = sorted((v for v in variants if v["method"] == method), key=lambda v: v["gmacs"])
             if not pts:
                 continue
-            offset, shift = PLACE[method]
-            x = [v["gmacs"] + shift * span for v in pts]
-            y = [v[key] for v in pts]
-            ax.errorbar(x, y, yerr=[v.get(err, 0) for v in pts], color=color, marker=marker,
-                        ms=9 if marker == "*" else 6, lw=1, ls="-" if len(pts) > 1 else "none", capsize=3, label=label)
-            for xi, yi, v in zip(x, y, pts):
-                ax.annotate(_short(v), (xi, yi), textcoords="offset points", xytext=offset, fontsize=7, color=color,
-                            ha="right" if offset[0] < 0 else "left")
-        values = [v[key] for v in variants]
-        if key == "fd_fmnist" and min(values) > 0 and max(values) > 5 * min(values):
-            from matplotlib.ticker import FuncFormatter
-            ax.set_yscale("log")  # one outlier would squash the rest
-            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-                axis(FuncFormatter(lambda y, _: f"{y:g}"))
-            ax.tick_params(axis="y", which="minor", labelsize=7)
-            title = title.replace("(", "(log scale, ")
+            x = [v["gmacs"] + SHIFT.get(method, 0) * span for v in pts]
+            inside = [v["key"] not in outliers for v in pts]
+            ax.errorbar([a for a, k in zip(x, inside) if k], [v[key] for v, k in zip(pts, inside) if k],
+                        yerr=[v.get(err) or 0 for v, k in zip(pts, inside) if k], color=color, marker=marker,
+                        ms=9 if marker == "*" else 6, lw=1, ls="-" if sum(inside) > 1 else "none", capsize=3,
+                        label=label)
+            for xi, v, k in zip(x, pts, inside):
+                edge = lo if higher else hi
+                if not k:  # at the edge, pointing off the axis, its value in the label
+                    ax.plot([xi], [edge], marker="v" if higher else "^", color=color, ms=9, clip_on=False)
+                pts_all.append(((xi, v[key] if k else edge), _short(v) + ("" if k else f": {v[key]:.3g}"), color))
+        ax.set_ylim(lo, hi)
         ax.set_xlabel("GMACs per rollout (per image; lower = cheaper)")
         ax.set_ylabel(title.split(" (")[0])
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=10, pad=12)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
+        labels.append((ax, pts_all))
+    handles, names = axes[0].get_legend_handles_labels()
+    handles.append(Line2D([], [], ls="none", marker="v", color="#555555", ms=8))
+    names.append("off the axis (value in its label)")
+    fig.legend(handles, names, loc="lower center", ncol=4, fontsize=8, frameon=False)
     s = results["settings"]
     fig.suptitle(f"{results['models']['dense']}: MACs vs quality ({results['sampler'].upper()} {s['steps']}, "
                  f"{s['n_samples']} samples per point). Dotted: pruned MACs ratios "
-                 f"{', '.join(f'{r:g}' for r in s['ratios'])}; points at equal MACs are shifted sideways a little "
-                 f"to stay legible", fontsize=9)
-    fig.tight_layout()
-    return _png(fig)
+                 f"{', '.join(f'{r:g}' for r in s['ratios'])}; points at equal MACs are shifted sideways a little",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.canvas.draw()
+    for ax, pts in labels:
+        place_labels(ax, [p for p, _, _ in pts], [t for _, t, _ in pts], [c for _, _, c in pts])
+    return fig
 
 
 def _short(v: dict) -> str:
@@ -397,6 +618,10 @@ def _short(v: dict) -> str:
 
 
 def loss_curve_png(curve: dict, dense_name: str, pruned_name: str) -> bytes:
+    return _png(loss_curve_figure(curve, dense_name, pruned_name))
+
+
+def loss_curve_figure(curve: dict, dense_name: str, pruned_name: str):
     plt = _plt()
     ts, losses, t = curve["timesteps"], curve["losses"], curve["threshold"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
@@ -412,15 +637,20 @@ def loss_curve_png(curve: dict, dense_name: str, pruned_name: str) -> bytes:
             ax.axvspan(after, stop, color="tab:orange", alpha=0.15,
                        label=f"the walk stops in here (t = {after} to {stop})")
         ax.axvline(stop, color="tab:red", lw=0.8)
+    n = curve["num_train_timesteps"]
+    stride = ts[1] - ts[0] if len(ts) > 1 else 1
+    if ts[-1] < n - stride:  # the axis covers what its label says; the part the walk never reached is marked
+        ax.axvspan(ts[-1], n - 1, color="#bbbbbb", alpha=0.2, label=f"not walked (t > {ts[-1]})")
+    ax.set_xlim(0, n - 1)
     ax.set_yscale("log")
-    ax.set_xlabel(f"training timestep t (of {curve['num_train_timesteps']})")
+    ax.set_xlabel(f"training timestep t (of {n})")
     ax.set_ylabel("loss $L_t$ (log scale)")
     ax.set_title(f"Diff-Pruning timestep selection on {dense_name} (the model {pruned_name} was pruned from)",
                  fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 # ----- HTML ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT, needs_fmnist
 from diffprune import demo
 from diffprune.cli import main
-from diffprune.demo_report import NOT_AVAILABLE, TABLE_COLUMNS, simple_markdown, to_html
+from diffprune.demo_report import NOT_AVAILABLE, TABLE_COLUMNS, simple_markdown, to_html, unavailable_cell
 from diffprune.errors import DiffpruneError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -33,13 +33,14 @@ def test_quick_run_writes_a_complete_report_that_agrees_with_results_json(tmp_pa
     r = subprocess.run([sys.executable, "-m", "diffprune", "demo", "--quick", "--device", "cpu", "--html",
                         "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "(10/10) writing the report" in r.stderr  # progress, one line per stage
+    assert "(11/11) writing the report" in r.stderr  # progress, one line per stage
     results = json.loads((out / "results.json").read_text())
 
     for name in ("report.md", "report.html", "results.json", "samples.png", "tradeoff.png", "timestep_loss.png"):
         assert (out / name).is_file(), name
     heatmaps = sorted((out / "heatmaps").glob("*.png"))
-    assert len(heatmaps) == len(results["files"]["heatmaps"]) >= 4  # two DiP-GO, two composed, DeepCache
+    # two DiP-GO, two composed, DeepCache, two searched grids
+    assert len(heatmaps) == len(results["files"]["heatmaps"]) >= 7
     for png in [out / "samples.png", out / "tradeoff.png", out / "timestep_loss.png", *heatmaps]:
         data = png.read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, png
@@ -58,15 +59,25 @@ def test_quick_run_writes_a_complete_report_that_agrees_with_results_json(tmp_pa
     body = rows[2:]
     assert [r[0] for r in body] == [v["name"] for v in results["variants"]]
     methods = {v["method"] for v in results["variants"]}
-    assert methods == {"dense", "dipgo", "deepcache", "steps", "pruned", "pruned+dipgo"}
+    assert methods - {"step-reuse"} == {"dense", "dipgo", "deepcache", "steps", "pruned", "pruned+dipgo", "grid"}
     for ratio in results["settings"]["ratios"]:
-        for method in ("dipgo", "steps", "pruned+dipgo", "deepcache"):
+        for method in ("dipgo", "steps", "pruned+dipgo", "deepcache", "grid"):
             assert any(v["method"] == method and v.get("level") == ratio for v in results["variants"]), (method, ratio)
     for row, v in zip(body, results["variants"]):
         if v["available"]:
-            assert row == [fmt.format(v[key]) for key, _, fmt in TABLE_COLUMNS], v["name"]
-        else:  # at 4 steps DeepCache reaches neither ratio: reported, not crashed
-            assert row[1] == NOT_AVAILABLE and v["method"] == "deepcache"
+            assert row == ["-" if v.get(key) is None else fmt.format(v[key]) for key, _, fmt in TABLE_COLUMNS], v["name"]
+        else:  # at 5 steps DeepCache reaches neither ratio: reported as capped, with its cap, not crashed
+            assert row[1] == unavailable_cell(v) and v["method"] == "deepcache"
+            assert row[1] == f"capped at {v['reached_ratio']:.3f}" != NOT_AVAILABLE
+    # auto ran at every ratio and its pick is marked on the row of that family at that ratio
+    assert set(results["auto"]) == {f"{r:g}" for r in results["settings"]["ratios"]}
+    for r, a in results["auto"].items():
+        picked = [v for v in results["variants"] if v.get("auto") == "picked" and f"{v['level']:g}" == r]
+        assert [v["method"] for v in picked] == [a["best"]]
+    assert any("`search --method auto`" in line for line in results["reading"])
+    # DiP-GO trained here: --quick's 5 steps are not what the shipped schedules are for, and the report says so
+    assert results["dipgo"]["dense"]["source"] == "trained" and "shipped ones are for" in results["dipgo"]["dense"]["reason"]
+    assert len(results["environment"]["load_samples"]) >= 2  # sampled through the run
     dense = next(v for v in results["variants"] if v["key"] == "dense")
     assert dense["macs_speedup"] == 1 and dense["ssim_to_dense"] == 1
     assert results["dense_gmacs"] == pytest.approx(dense["gmacs"])

@@ -10,7 +10,10 @@ import numpy as np
 from ..models import UnitGraph
 from .schedule import Schedule
 
-COLORS = {"computed": "#1b7837", "dead": "#f4a582", "reused": "#f7f7f7", "step": "#92c5de", "dropped": "#4d4d4d"}
+# computed is the one dark colour (it is the only kind that costs MACs); every kind that is not computed is light,
+# so that a mostly-skipped schedule reads as mostly skipped at a glance
+COLORS = {"computed": "#1b7837", "dead": "#d9d9d9", "reused": "#ffffff", "step": "#c6dbef", "dropped": "#fdd9b5"}
+NOT_COMPUTED = ("dead", "reused", "step", "dropped")
 KINDS = ("reused", "dead", "computed", "step", "dropped")  # codes 0..4 in the state matrix
 
 
@@ -73,7 +76,7 @@ def schedule_heatmap(schedule: Schedule, graph: UnitGraph, title: str | None = N
                 title += " (whole-step reuse only)"
         ax.set_title(title, fontsize=10)
         counts = {k: int((state == code).sum()) for code, k in enumerate(KINDS)}
-        labels = {"computed": "computed", "dead": "kept but dead (cascade: not computed)",
+        labels = {"computed": "computed", "dead": "kept but dead (not computed: nothing live reads it)",
                   "reused": "reused from cache", "step": "whole step reused (no denoiser call)",
                   "dropped": "step dropped from the grid"}
         shown = [k for k in ("computed", "dead", "reused", "step", "dropped") if counts[k] or k in ("computed",)]
