@@ -1,0 +1,145 @@
+"""DiP-GO's recipes: the paper's, and a refined one that cannot end worse than where it starts.
+
+paper    all-keep start, 1 - SSIM of the final images, argmax gates with the sparsity loss, SGD: the schedule is
+         the trained pruner's scores thresholded at the ratio (dipgo.DipGo.schedule), as the paper does.
+refined  (a) init "grid": the gates start at the searched whole-step reuse schedule at the target ratio (its keep
+             table: reused calls compute no unit). For DDIM (eta 0) and flow Euler a whole-step schedule on the base
+             grid folds to a sub-grid of it, so this is the searched grid restricted to the base grid's timesteps,
+             the space DiP-GO's gates live in;
+         (b) loss REFINED_LOSS, a loss that sees the low-noise end (chosen by measurement: bench/dipgo_refined.py,
+             numbers in BENCHMARKS.md);
+         (c) gates "target": every training rollout runs the schedule the scores give at the target ratio;
+         (d) select "held-out": the schedule the scores give at the ratio is snapshotted during training; of the
+             start, the snapshots and the end, those at least as good as the start on the calibration samples
+             qualify, and the best of them on held-out samples (seed + HELD_OUT_SEED) is returned. It is never
+             worse than the start on either set (the start itself always qualifies).
+Each of (a)-(d) can be set on top of either recipe (the ablation): init none|grid, loss, gates argmax|target,
+select none|calibration|held-out. The settings and what was selected go in the schedule's meta.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import DiffpruneError
+from . import baselines
+from .dipgo import GATES, LOSSES, DipGo, DipGoOptions, Pruner, ScoreTable, train_pruner
+from .ratios import RATIO_TOLERANCE, pruned_ratio, table_at_ratio
+from .schedule import Schedule
+from .search import Evaluator, step_reuse_search
+
+REFINED_LOSS = "trajectory"
+RECIPES = {"paper": {"init": "none", "loss": "ssim", "gates": "argmax", "select": "none"},
+           "refined": {"init": "grid", "loss": REFINED_LOSS, "gates": "target", "select": "held-out"}}
+INITS = ("none", "grid")
+SELECTS = ("none", "calibration", "held-out")
+HELD_OUT_SEED = 7919   # held-out samples use seed + this (auto scores on seed + 1, the calibration is seed)
+SNAPSHOTS = 8          # schedules snapshotted during a run for the selection (plus the start and the end)
+
+
+def resolve(recipe: str | None = None, *, init=None, loss=None, gates=None, select=None, pruner=None) -> dict | None:
+    """The recipe's settings with the given ones replacing its defaults (None: the recipe's), checked. With a
+    given pruner nothing is trained: None, and any training setting is refused."""
+    given = {k: v for k, v in {"recipe": recipe, "init": init, "loss": loss, "gates": gates,
+                               "select": select}.items() if v is not None}
+    if pruner is not None:
+        if given:
+            raise DiffpruneError(f"a given pruner is only thresholded at the ratio; {', '.join(sorted(given))} "
+                                 f"apply to training one: leave them out, or drop the pruner to train")
+        return None
+    recipe = "refined" if recipe is None else recipe
+    if recipe not in RECIPES:
+        raise DiffpruneError(f"unknown DiP-GO recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    settings = {**RECIPES[recipe], **{k: v for k, v in given.items() if k != "recipe"}, "recipe": recipe}
+    for key, allowed in (("init", INITS), ("loss", LOSSES), ("gates", GATES), ("select", SELECTS)):
+        if settings[key] not in allowed:
+            raise DiffpruneError(f"unknown DiP-GO {key} {settings[key]!r}; choose one of {', '.join(allowed)}")
+    return settings
+
+
+def dipgo_schedule(model_or_pipeline, graph, ratio: float, *, settings: dict, options: DipGoOptions, steps: int,
+                   sampler: str, budget: int, n_samples: int, guidance_scale: float, seed: int, labels, prompts,
+                   conditions, save_pruner, progress: bool, model_hash: str) -> Schedule:
+    """A DiP-GO schedule at `ratio` by the resolved `settings` (resolve()); `options` trains the pruner."""
+    rollout = dict(guidance_scale=guidance_scale, labels=labels, prompts=prompts, conditions=conditions)
+    options = DipGoOptions.of(options, loss=settings["loss"], gates=settings["gates"]).check()
+    if settings["init"] == "none" and settings["select"] == "none":  # the paper's post-processing
+        result = train_pruner(model_or_pipeline, target=ratio, num_steps=steps, sampler=sampler, graph=graph,
+                              seed=seed, options=options, progress=progress, **rollout)
+        if save_pruner is not None:
+            result.save_pruner(save_pruner)
+        sched = result.schedule(ratio)
+        sched.meta["recipe"] = _recipe_meta(settings)
+        return sched
+
+    calibration = Evaluator(model_or_pipeline, graph, sampler=sampler, num_steps=steps, n_samples=n_samples,
+                            seed=seed, **rollout)
+    held_out = (Evaluator(model_or_pipeline, graph, sampler=sampler, num_steps=steps, n_samples=n_samples,
+                          seed=seed + HELD_OUT_SEED, **rollout) if settings["select"] == "held-out" else None)
+    T = calibration.n_calls
+    pruner = Pruner(T, graph.n_units, dim=options.dim, hidden=options.hidden, encoder=options.encoder, seed=seed)
+    candidates = []  # (name, keep scores, table)
+    meta = {}
+    if settings["init"] == "grid":
+        full, _ = step_reuse_search(calibration, ratio, budget, progress)
+        start = baselines.table_with_full_steps(T, full, np.zeros(graph.n_units, dtype=bool))
+        reached = pruned_ratio(start, graph)
+        if reached < ratio - RATIO_TOLERANCE:
+            raise DiffpruneError(f"no start schedule reaches a pruned ratio of {ratio}: whole-step reuse over {T} "
+                                 f"calls gets to {reached:.3f} at best near it (one call is 1/{T} of the MACs). "
+                                 f"Choose a ratio within {RATIO_TOLERANCE} of a multiple of 1/{T}, more steps, or "
+                                 f"init none (the paper's all-keep start)")
+        with torch.no_grad():  # last-layer bias: keep 1 / skip 0 where the start keeps, the other way round elsewhere
+            pruner.b3.copy_(torch.from_numpy(np.stack([~start, start], -1).astype(np.float32)))
+        candidates.append(("init", pruner.keep_scores(), start))
+        meta["init_full_steps"] = [int(s) for s in full]
+
+    every = max(1, options.iterations // SNAPSHOTS)
+
+    def snapshot(it, p):
+        if (it + 1) % every == 0 and it + 1 < options.iterations:
+            scores = p.keep_scores()
+            candidates.append((f"iteration {it + 1}", scores, table_at_ratio(scores, graph, ratio, tol=1.0)[0]))
+
+    result = train_pruner(model_or_pipeline, target=ratio, num_steps=steps, sampler=sampler, graph=graph, seed=seed,
+                          pruner=pruner, options=options, progress=progress,
+                          on_iteration=snapshot if settings["select"] != "none" else None, **rollout)
+    trained = result.schedule(ratio)
+    candidates.append(("trained", pruner.keep_scores(), trained.table))
+
+    scored = []
+    for name, scores, table in candidates:
+        row = {"name": name, "pruned_ratio": pruned_ratio(table, graph), "ssim": calibration(table)}
+        if held_out is not None:
+            row["held_out_ssim"] = held_out(table)
+        scored.append(row)
+    init = scored[0] if settings["init"] == "grid" else None
+    if settings["select"] == "none":
+        pick = len(scored) - 1
+    else:
+        key = "held_out_ssim" if settings["select"] == "held-out" else "ssim"
+        # qualify: at least as good as the start on the calibration samples (every one without a start)
+        ok = [i for i, r in enumerate(scored) if init is None or r["ssim"] >= init["ssim"]]
+        pick = max(ok, key=lambda i: (scored[i][key], scored[i]["ssim"], -i))
+    name, scores, table = candidates[pick]
+    if save_pruner is not None:  # the selected schedule's scores: thresholding them at the ratio gives it back
+        DipGo(pruner=ScoreTable(scores), graph=graph, sampler=sampler, num_steps=steps, model_hash=model_hash,
+              history=result.history, config=result.config, warnings=result.warnings).save_pruner(save_pruner)
+    meta.update({**{k: v for k, v in trained.meta.items() if k not in ("pruned_ratio", "threshold", "collapse")},
+                 "recipe": _recipe_meta(settings), "init": settings["init"], "selected": name,
+                 "ssim": scored[pick]["ssim"], "trained_ssim": scored[-1]["ssim"], "candidates": scored,
+                 "n_samples": n_samples, "seed": seed})
+    if init is not None:
+        meta["init_ssim"] = init["ssim"]
+        if held_out is not None:
+            meta["init_held_out_ssim"] = init["held_out_ssim"]
+    if held_out is not None:
+        meta.update(held_out_ssim=scored[pick]["held_out_ssim"], held_out_seed=seed + HELD_OUT_SEED)
+    meta = baselines.describe(table, graph, **meta)
+    if abs(meta["pruned_ratio"] - ratio) >= RATIO_TOLERANCE:
+        meta["ratio_note"] = f"achieved {meta['pruned_ratio']:.4f}, the closest this method reaches to {ratio}"
+    return Schedule.from_table(graph, table, sampler=sampler, num_steps=steps, model_hash=model_hash, meta=meta)
+
+
+def _recipe_meta(settings: dict) -> dict:
+    return {k: settings[k] for k in ("recipe", "init", "loss", "gates", "select")}
