@@ -112,8 +112,8 @@ def test_dipgo_from_the_grid_never_ends_below_its_start(unet):
     sched = search_schedule(model, "dipgo", ratio=0.5, steps=6, graph=graph, init="grid", budget=4, n_samples=2,
                             iterations=3, dim=16, seed=2, progress=False)
     m = sched.meta
-    assert m["init"] == "grid" and m["selected"] in ("init", "trained")
-    assert m["ssim"] == max(m["init_ssim"], m["trained_ssim"]) >= m["init_ssim"]
+    assert m["init"] == "grid" and m["selected"] in [c["name"] for c in m["candidates"]]
+    assert m["ssim"] >= m["init_ssim"]
     # the scores are those of running the schedules on the same calibration samples
     evaluate = Evaluator(model, graph, num_steps=6, n_samples=2, seed=2)
     assert evaluate(sched.table) == pytest.approx(m["ssim"], abs=1e-6)

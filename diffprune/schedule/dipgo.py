@@ -426,6 +426,8 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
               "model_hash": architecture_hash(model), "units": graph.units, "n_calls": T, "loss": o.loss,
               "gates": o.gates}
     consistency_of = _consistency(o.loss, rollouts, procs)
+    # equal scores (an all-keep start) can only be cut all together: a fixed tiny jitter orders them
+    tie_break = np.random.default_rng(seed).random((T, N)) * 1e-9
     history: list[dict] = []
     start = 0
     if state_path is not None and Path(state_path).exists():
@@ -456,7 +458,7 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
                 with runtime.paused(), torch.no_grad(), _Inputs(model, consistency_of.trajectory) as ref_path:
                     reference = rollouts.run(noise, cond)
                 if o.gates == "target":  # the schedule the scores give at the target: the one training shapes
-                    table, _, _ = table_at_ratio(pruner.keep_scores(), graph, target, tol=1.0)
+                    table, _, _ = table_at_ratio(pruner.keep_scores() + tie_break, graph, target, tol=1.0)
                     gates = pruner.gates(table)
                 else:
                     gates = pruner.gates()
