@@ -330,6 +330,7 @@ class DipGoOptions:
     state_path: object = None
     checkpoint_every: int | None = None
     checkpoint_minutes: float = 5.0
+    max_minutes: float | None = None  # stop training after this long (the result says where: config stopped_at)
 
     @classmethod
     def of(cls, options: "DipGoOptions | None" = None, **changes) -> "DipGoOptions":
@@ -352,6 +353,8 @@ class DipGoOptions:
             if (v is not None or name != "checkpoint_every") and (isinstance(v, bool) or not isinstance(v, int)
                                                                  or v < 1):
                 raise DiffpruneError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0):
+            raise DiffpruneError(f"max_minutes must be a positive number, got {self.max_minutes!r}")
         if not (isinstance(self.checkpoint_minutes, (int, float)) and self.checkpoint_minutes > 0):
             raise DiffpruneError(f"checkpoint_minutes must be a positive number, got {self.checkpoint_minutes!r}")
         return self
@@ -446,7 +449,7 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     model.requires_grad_(False).eval()
     bar = tqdm(range(start, iterations), desc="dipgo", disable=not (progress and procs.is_main_process),
                initial=start, total=iterations)
-    last_save = time.monotonic()
+    last_save = began = time.monotonic()
     try:
         with runtime:
             for it in bar:
@@ -501,6 +504,12 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
                         _save_state(state_path, pruner, opt, config, it + 1, history)
                     procs.wait_for_everyone()  # nobody reads the file back before it is complete
                     last_save = time.monotonic()
+                if o.max_minutes is not None and it + 1 < iterations and _agreed(
+                        time.monotonic() - began >= o.max_minutes * 60, procs, device):
+                    result.warnings.append(f"DiP-GO: stopped after {it + 1} of {iterations} iterations "
+                                           f"(max_minutes {o.max_minutes})")
+                    result.config["stopped_at"] = it + 1
+                    break
     finally:
         for p, f in zip(model.parameters(), frozen):
             p.requires_grad_(f)
@@ -626,11 +635,16 @@ def _state_due(done, iterations, every, time_due, procs, device) -> bool:
     process (the processes agree, or some would wait for a save that never comes)."""
     if done == iterations or (every is not None and done % every == 0):
         return True
+    return _agreed(time_due, procs, device)
+
+
+def _agreed(flag: bool, procs, device) -> bool:
+    """True on every process when it is true on any (a time limit seen by one process)."""
     if procs.num_processes > 1:
-        flag = torch.tensor([float(time_due)], device=device)
-        mean_across_([flag], procs)
-        time_due = bool(flag.item() > 0)
-    return time_due
+        t = torch.tensor([float(flag)], device=device)
+        mean_across_([t], procs)
+        flag = bool(t.item() > 0)
+    return flag
 
 
 _HISTORY_NUMBERS = ("loss", "consistency", "sparsity", "kept_macs", "grad_norm", "lr")
