@@ -133,6 +133,7 @@ def main():
     def train_minutes():  # what is left of --max-minutes once the evaluations after training are paid for
         return max(0.2, args.max_minutes - args.eval_minutes - (time.time() - t_start) / 60)
 
+    write()  # at once: a job killed before its first row still shows up as unfinished
     calib = dict(steps=args.steps, sampler=args.sampler, guidance_scale=args.cfg, graph=graph, progress=False,
                  n_samples=args.eval_samples, seed=1 + 10 * seed)
     warnings.simplefilter("ignore")  # the warnings go to the rows' notes where they matter
