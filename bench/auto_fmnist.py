@@ -6,9 +6,9 @@ way `search --method auto` scores its candidates (seed 2, --held-out samples), s
 picks (bench/merge_auto_fmnist.py).
 
 --job says which piece (one process each, so that many run concurrently on a GPU: they are launch-bound):
-  cheap            fewer steps, searched grid, DeepCache, searched step reuse at every ratio (seed-free but for
-                   the searches' calibration samples)
-  search:SEED      random and genetic search at every ratio
+  cheap[:R]        fewer steps, searched grid, DeepCache, searched step reuse at ratio R (default every ratio;
+                   the dense row comes with the first ratio)
+  search:SEED[:R]  random and genetic search at ratio R (default every ratio)
   paper:SEED       DiP-GO, the paper's recipe: one pruner trained at --paper-ratio, thresholded at every ratio
                    (the paper's post-processing: one pruner serves any target)
   refined:SEED:R   DiP-GO, the refined recipe, trained at ratio R
@@ -62,7 +62,7 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--ratios", default="0.6,0.7,0.8,0.85")
-    ap.add_argument("--job", default="cheap", help="cheap | search:SEED | paper:SEED | refined:SEED:RATIO")
+    ap.add_argument("--job", default="cheap", help="cheap[:R] | search:SEED[:R] | paper:SEED | refined:SEED:R")
     ap.add_argument("--paper-ratio", type=float, default=0.8, help="the ratio the paper recipe's pruner trains at")
     ap.add_argument("--iterations", type=int, default=60, help="DiP-GO iterations (batch --batch-size)")
     ap.add_argument("--batch-size", type=int, default=4)
@@ -81,7 +81,13 @@ def main():
     (out / "schedules").mkdir(parents=True, exist_ok=True)
     ratios = [float(r) for r in args.ratios.split(",")]
     kind, *rest = args.job.split(":")
-    seed = int(rest[0]) if rest else 0
+    if kind == "cheap":  # cheap[:R]
+        seed, dense_row = 0, not rest or float(rest[0]) == ratios[0]
+        ratios = [float(rest[0])] if rest else ratios
+    else:  # search:SEED[:R], paper:SEED, refined:SEED:R
+        seed, dense_row = int(rest[0]), False
+        if kind == "search" and len(rest) > 1:
+            ratios = [float(rest[1])]
     job_file = out / (args.job.replace(":", "_") + ".json")
 
     model = zoo.load_model(args.model).to(args.device).eval()
@@ -138,7 +144,8 @@ def main():
                  n_samples=args.eval_samples, seed=1 + 10 * seed)
     warnings.simplefilter("ignore")  # the warnings go to the rows' notes where they matter
     if kind == "cheap":
-        add("dense", None, None, dense_s)
+        if dense_row:
+            add("dense", None, None, dense_s)
         for ratio in ratios:
             for family in CHEAP:
                 if late(f"{family} at {ratio}"):

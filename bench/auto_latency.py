@@ -45,7 +45,10 @@ def main():
     model_name, sampler, steps = job["model"], job["sampler"], job["steps"]
     model = zoo.load_model(model_name).to(args.device).eval()
     graph = build_graph(model)
-    files = sorted(p for p in (folder / "schedules").glob("*.json") if "_s1_" not in p.name)
+    first = ("steps", "dipgo-refined", "grid", "step-reuse", "dipgo-paper", "deepcache", "random", "genetic")
+    files = sorted((p for p in (folder / "schedules").glob("*.json") if "_s1_" not in p.name),
+                   key=lambda p: (first.index(p.name.split("_s")[0]) if p.name.split("_s")[0] in first else 99,
+                                  p.name))  # what the goal column needs first
     out = {"config": args.config, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
            "mode": args.mode, "rows": {}}
     path = folder / "latency.json"
