@@ -12,11 +12,14 @@ refined  (a) init "grid": the gates start at the searched whole-step reuse sched
          (d) select "held-out": the schedule the scores give at the ratio is snapshotted during training; of the
              start, the snapshots and the end, those at least as good as the start on the calibration samples
              qualify, and the best of them on held-out samples (seed + HELD_OUT_SEED) is returned. It is never
-             worse than the start on either set (the start itself always qualifies).
+             worse than the start on either set (the start itself always qualifies). Calls that compute no live
+             unit are written (and scored) as reused visits: the sampler steps with the previous prediction.
 Each of (a)-(d) can be set on top of either recipe (the ablation): init none|grid, loss, gates argmax|target,
 select none|calibration|held-out. The settings and what was selected go in the schedule's meta.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -24,8 +27,9 @@ import torch
 from ..errors import DiffpruneError
 from . import baselines
 from .dipgo import GATES, LOSSES, DipGo, DipGoOptions, Pruner, ScoreTable, train_pruner
-from .ratios import RATIO_TOLERANCE, pruned_ratio, table_at_ratio
-from .schedule import Schedule
+from .ratios import RATIO_TOLERANCE, table_at_ratio
+from .runtime import apply_schedule
+from .schedule import Schedule, collapse_report
 from .search import Evaluator, step_reuse_search
 
 REFINED_LOSS = "trajectory"
@@ -83,7 +87,7 @@ def dipgo_schedule(model_or_pipeline, graph, ratio: float, *, settings: dict, op
     if settings["init"] == "grid":
         full, _ = step_reuse_search(calibration, ratio, budget, progress)
         start = baselines.table_with_full_steps(T, full, np.zeros(graph.n_units, dtype=bool))
-        reached = pruned_ratio(start, graph)
+        reached = _with_reuse(graph, start, sampler=sampler, steps=steps, model_hash=model_hash).pruned_ratio(graph)
         if reached < ratio - RATIO_TOLERANCE:
             raise DiffpruneError(f"no start schedule reaches a pruned ratio of {ratio}: whole-step reuse over {T} "
                                  f"calls gets to {reached:.3f} at best near it (one call is 1/{T} of the MACs). "
@@ -107,11 +111,15 @@ def dipgo_schedule(model_or_pipeline, graph, ratio: float, *, settings: dict, op
     trained = result.schedule(ratio)
     candidates.append(("trained", pruner.keep_scores(), trained.table))
 
+    def as_schedule(table):  # calls that compute no live unit become reused visits (see _with_reuse)
+        return _with_reuse(graph, table, sampler=sampler, steps=steps, model_hash=model_hash)
+
     scored = []
     for name, scores, table in candidates:
-        row = {"name": name, "pruned_ratio": pruned_ratio(table, graph), "ssim": calibration(table)}
+        sched = as_schedule(table)
+        row = {"name": name, "pruned_ratio": sched.pruned_ratio(graph), "ssim": _score(calibration, sched)}
         if held_out is not None:
-            row["held_out_ssim"] = held_out(table)
+            row["held_out_ssim"] = _score(held_out, sched)
         scored.append(row)
     init = scored[0] if settings["init"] == "grid" else None
     if settings["select"] == "none":
@@ -135,10 +143,41 @@ def dipgo_schedule(model_or_pipeline, graph, ratio: float, *, settings: dict, op
             meta["init_held_out_ssim"] = init["held_out_ssim"]
     if held_out is not None:
         meta.update(held_out_ssim=scored[pick]["held_out_ssim"], held_out_seed=seed + HELD_OUT_SEED)
-    meta = baselines.describe(table, graph, **meta)
+    sched = as_schedule(table)
+    meta.update(pruned_ratio=sched.pruned_ratio(graph), collapse=collapse_report(table, graph))
+    if sched.reuse is not None:
+        meta["reused_calls"] = int(sum(sched.reuse))
     if abs(meta["pruned_ratio"] - ratio) >= RATIO_TOLERANCE:
         meta["ratio_note"] = f"achieved {meta['pruned_ratio']:.4f}, the closest this method reaches to {ratio}"
-    return Schedule.from_table(graph, table, sampler=sampler, num_steps=steps, model_hash=model_hash, meta=meta)
+    sched.meta.update(meta)
+    return sched
+
+
+def _with_reuse(graph, table, *, sampler, steps, model_hash) -> Schedule:
+    """The schedule of a keep table whose calls that compute no live unit (the cascade applied) are reused visits:
+    the sampler steps with the previous prediction and the denoiser is not called. That is what such a call means
+    (and what the whole-step start was searched as); a keep-table row of nothing would still run the model's
+    always-run parts, and in a DiT its output layers re-read the cached features under the new timestep."""
+    table = np.asarray(table, dtype=bool)
+    dead = np.array([not graph.live_units(row).any() for row in table])
+    dead[0] = False
+    if not dead.any():
+        return Schedule.from_table(graph, table, sampler=sampler, num_steps=steps, model_hash=model_hash)
+    return Schedule.from_table(graph, table[~dead], sampler=sampler, num_steps=steps, model_hash=model_hash,
+                               reuse=dead.tolist(), base_calls=len(table))
+
+
+def _score(evaluate: Evaluator, sched: Schedule) -> float:
+    """SSIM of `sched`'s final images to the dense ones on `evaluate`'s samples (memoised there)."""
+    key = b"schedule" + sched.to_json().encode()
+    if key not in evaluate._memo:
+        r = evaluate.rollouts
+        ctx = contextlib.nullcontext() if sched.table.all() else apply_schedule(r.model, sched, graph=evaluate.graph)
+        with ctx, torch.no_grad():
+            images = r.run(evaluate.noise, evaluate.cond, grid=sched.grid)
+        evaluate._memo[key] = float(r.similarity(images, evaluate.reference))
+        evaluate.evaluations += 1
+    return evaluate._memo[key]
 
 
 def _recipe_meta(settings: dict) -> dict:
