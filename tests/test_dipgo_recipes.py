@@ -50,8 +50,10 @@ def test_refined_never_scores_below_its_start_on_calibration_or_held_out(unet):
     names = [c["name"] for c in m["candidates"]]
     assert names[0] == "init" and names[-1] == "trained" and m["selected"] in names
     assert m["ssim"] >= m["init_ssim"] and m["held_out_ssim"] >= m["init_held_out_ssim"]
-    # the held-out choice is the best on held-out samples among those no worse than the start on calibration
-    ok = [c for c in m["candidates"] if c["ssim"] >= m["init_ssim"]]
+    # the held-out choice is the best on held-out samples among those at the target's cost and no worse than the
+    # start on calibration
+    ok = [c for c in m["candidates"] if c["ssim"] >= m["init_ssim"]
+          and (c["name"] == "init" or c["pruned_ratio"] >= 0.5 - 0.0125)]
     assert m["held_out_ssim"] == max(c["held_out_ssim"] for c in ok)
     # the scores are those of really running the schedules on those samples (calls that compute nothing are
     # reused visits: the start is the searched whole-step reuse schedule itself)

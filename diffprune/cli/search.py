@@ -62,7 +62,7 @@ def add_parser(sub):
     g.add_argument("--batch-size", type=int, default=1,
                    help="samples per iteration (default 1); under `accelerate launch`, the global batch, split among "
                         "the processes")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="default sgd")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], help="default: sgd (paper), adamw (refined)")
     g.add_argument("--lr", type=float,
                    help="learning rate (default: sgd 0.1 at 50 steps, scaled with the step count; adamw 1e-3)")
     g.add_argument("--alpha", type=float, default=1.0, help="sparsity loss weight (default 1)")
@@ -86,7 +86,8 @@ def add_parser(sub):
                    help="which schedule of the run to keep: the end (paper), or the best snapshot on the "
                         "calibration / held-out samples among those no worse than the start")
     g.add_argument("--pruner", help="a trained pruner (.safetensors) to threshold instead of training one")
-    g.add_argument("--save-pruner", help="write the trained pruner here (.safetensors)")
+    g.add_argument("--save-pruner", help="write the trained pruner's scores here (.safetensors; refined: those of "
+                                          "the snapshot it keeps)")
     g.add_argument("--state", help="resumable training state file (.safetensors); resumes if it exists")
     g.add_argument("--checkpoint-minutes", type=float, default=5.0,
                    help="save --state every M minutes of training (default 5), and at the end")

@@ -314,7 +314,7 @@ class DipGoOptions:
     state_path / checkpoint_every / checkpoint_minutes: resumable training state (see train_pruner)."""
     iterations: int = 200
     batch_size: int = 1
-    optimizer: str = "sgd"
+    optimizer: str | None = None  # None: sgd (the paper's), or the recipe's (recipes.py)
     lr: float | None = None
     momentum: float = 0.0
     weight_decay: float = 1e-4
@@ -342,6 +342,8 @@ class DipGoOptions:
         return dataclasses.replace(options or cls(), **changes)
 
     def check(self) -> "DipGoOptions":
+        if self.optimizer is None:
+            self.optimizer = "sgd"
         if self.optimizer not in ("sgd", "adamw"):
             raise DiffpruneError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.loss not in LOSSES:

@@ -8,7 +8,8 @@ refined  (a) init "grid": the gates start at the searched whole-step reuse sched
              the space DiP-GO's gates live in;
          (b) loss REFINED_LOSS, a loss that sees the low-noise end (chosen by measurement: bench/dipgo_refined.py,
              numbers in BENCHMARKS.md);
-         (c) gates "target": every training rollout runs the schedule the scores give at the target ratio;
+         (c) gates "target": every training rollout runs the schedule the scores give at the target ratio
+             (AdamW at lr REFINED_LR: the consistency alone gives gradients too small for SGD);
          (d) select "held-out": the schedule the scores give at the ratio is snapshotted during training; of the
              start, the snapshots and the end, those at least as good as the start on the calibration samples
              qualify, and the best of them on held-out samples (seed + HELD_OUT_SEED) is returned. It is never
@@ -33,8 +34,12 @@ from .schedule import Schedule, collapse_report
 from .search import Evaluator, step_reuse_search
 
 REFINED_LOSS = "trajectory"
-RECIPES = {"paper": {"init": "none", "loss": "ssim", "gates": "argmax", "select": "none"},
-           "refined": {"init": "grid", "loss": REFINED_LOSS, "gates": "target", "select": "held-out"}}
+# without the sparsity term the consistency's gradients are ~1e-3: SGD at any sane lr barely moves a cell (measured:
+# 0.005 in 4 iterations at lr 1.0 on tiny-unet), AdamW's steps do not depend on the gradient's scale
+REFINED_LR = 0.01
+RECIPES = {"paper": {"init": "none", "loss": "ssim", "gates": "argmax", "select": "none", "optimizer": "sgd"},
+           "refined": {"init": "grid", "loss": REFINED_LOSS, "gates": "target", "select": "held-out",
+                       "optimizer": "adamw"}}
 INITS = ("none", "grid")
 SELECTS = ("none", "calibration", "held-out")
 HELD_OUT_SEED = 7919   # held-out samples use seed + this (auto scores on seed + 1, the calibration is seed)
@@ -67,7 +72,10 @@ def dipgo_schedule(model_or_pipeline, graph, ratio: float, *, settings: dict, op
                    conditions, save_pruner, progress: bool, model_hash: str) -> Schedule:
     """A DiP-GO schedule at `ratio` by the resolved `settings` (resolve()); `options` trains the pruner."""
     rollout = dict(guidance_scale=guidance_scale, labels=labels, prompts=prompts, conditions=conditions)
-    options = DipGoOptions.of(options, loss=settings["loss"], gates=settings["gates"]).check()
+    optimizer = settings["optimizer"] if options.optimizer is None else options.optimizer
+    lr = options.lr if options.lr is not None or optimizer != "adamw" else REFINED_LR
+    options = DipGoOptions.of(options, loss=settings["loss"], gates=settings["gates"], optimizer=optimizer,
+                              lr=lr if settings["recipe"] == "refined" else options.lr).check()
     if settings["init"] == "none" and settings["select"] == "none":  # the paper's post-processing
         result = train_pruner(model_or_pipeline, target=ratio, num_steps=steps, sampler=sampler, graph=graph,
                               seed=seed, options=options, progress=progress, **rollout)
@@ -104,17 +112,22 @@ def dipgo_schedule(model_or_pipeline, graph, ratio: float, *, settings: dict, op
         meta["init_full_steps"] = [int(s) for s in full]
 
     every = max(1, options.iterations // SNAPSHOTS)
+    # AdamW moves many cells by the same step: equal scores can only be cut together, a fixed jitter orders them
+    jitter = np.random.default_rng(seed).random((T, graph.n_units)) * 1e-9
+
+    def at_ratio(p):
+        scores = p.keep_scores() + jitter
+        return scores, table_at_ratio(scores, graph, ratio, tol=1.0)[0]
 
     def snapshot(it, p):
         if (it + 1) % every == 0 and it + 1 < options.iterations:
-            scores = p.keep_scores()
-            candidates.append((f"iteration {it + 1}", scores, table_at_ratio(scores, graph, ratio, tol=1.0)[0]))
+            candidates.append((f"iteration {it + 1}", *at_ratio(p)))
 
     result = train_pruner(model_or_pipeline, target=ratio, num_steps=steps, sampler=sampler, graph=graph, seed=seed,
                           pruner=pruner, options=options, progress=progress,
                           on_iteration=snapshot if settings["select"] != "none" else None, **rollout)
     trained = result.schedule(ratio)
-    candidates.append(("trained", pruner.keep_scores(), trained.table))
+    candidates.append(("trained", *at_ratio(pruner)))
 
     def as_schedule(table):  # calls that compute no live unit become reused visits (see _with_reuse)
         return _with_reuse(graph, table, sampler=sampler, steps=steps, model_hash=model_hash)
@@ -131,8 +144,9 @@ def dipgo_schedule(model_or_pipeline, graph, ratio: float, *, settings: dict, op
         pick = len(scored) - 1
     else:
         key = "held_out_ssim" if settings["select"] == "held-out" else "ssim"
-        # qualify: at least as good as the start on the calibration samples (every one without a start)
-        ok = [i for i, r in enumerate(scored) if init is None or r["ssim"] >= init["ssim"]]
+        # qualify: at the target's cost, and at least as good as the start on the calibration samples
+        ok = [i for i, r in enumerate(scored) if (init is None or r["ssim"] >= init["ssim"]) and
+              (r["name"] == "init" or r["pruned_ratio"] >= ratio - RATIO_TOLERANCE)] or [len(scored) - 1]
         pick = max(ok, key=lambda i: (scored[i][key], scored[i]["ssim"], -i))
     name, scores, table = candidates[pick]
     if save_pruner is not None:  # the selected schedule's scores: thresholding them at the ratio gives it back

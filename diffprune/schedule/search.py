@@ -322,7 +322,7 @@ def _dipgo(job: _Job) -> Schedule:
     e = job.extra
     settings = resolve(e["recipe"], init=e["init"], loss=e["loss"], gates=e["gates"], select=e["select"],
                        pruner=e["pruner"])
-    options = DipGoOptions.of(e["options"], **e["dipgo_options"]).check()
+    options = DipGoOptions.of(e["options"], **e["dipgo_options"])  # checked once the recipe has filled it in
     if settings is None:  # a given pruner, thresholded
         result = e["pruner"] if isinstance(e["pruner"], DipGo) else DipGo.load_pruner(e["pruner"], job.model,
                                                                                         job.graph)
