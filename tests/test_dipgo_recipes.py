@@ -106,6 +106,7 @@ def test_bad_recipes_are_refused(unet):
                         dim=8, hidden=8, progress=False)
 
 
+@pytest.mark.slow  # a CLI training run: about a minute on 2 idle cores, several on a busy machine
 def test_search_command_recipes(tmp_path):
     out = tmp_path / "s.json"
     r = run_cli("search", "tiny-unet", "--method", "dipgo", "--ratio", "0.5", "--steps", "4", "--iterations", "2",
@@ -115,7 +116,10 @@ def test_search_command_recipes(tmp_path):
     m = Schedule.load(out).meta
     assert m["recipe"]["recipe"] == "refined" and m["recipe"]["loss"] == "ms-ssim"
     assert "DiP-GO refined" in r.stdout and f"kept {m['selected']}" in r.stdout
-    # contradicting options: a pruner file is only thresholded, a recipe trains; nothing written
+
+
+def test_search_command_refuses_contradicting_recipe_options(tmp_path):
+    # a pruner file is only thresholded, a recipe trains; recipes are DiP-GO's: refused before any work
     bad = tmp_path / "bad.json"
     r = run_cli("search", "tiny-unet", "--method", "dipgo", "--ratio", "0.5", "--steps", "4", "--recipe", "paper",
                 "--pruner", tmp_path / "missing.safetensors", "--out", bad)
