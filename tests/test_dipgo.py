@@ -187,7 +187,7 @@ def test_search_schedule_trains_saves_and_reuses_a_pruner(tmp_path):
     model, graph = model_graph("tiny-unet")
     path = tmp_path / "p.safetensors"
     first = search_schedule(model, "dipgo", ratio=0.5, steps=3, graph=graph, iterations=1, dim=8, hidden=8,
-                            labels=[1], save_pruner=path, progress=False)
+                            labels=[1], save_pruner=path, recipe="paper", progress=False)
     assert first.meta["method"] == "dipgo" and first.meta["training"]["iterations"] == 1 and path.exists()
     again = search_schedule(model, "dipgo", ratio=0.5, steps=3, graph=graph, pruner=path, progress=False)
     assert np.array_equal(again.table, first.table)  # the same pruner thresholded at the same ratio

@@ -62,19 +62,32 @@ def add_parser(sub):
     g.add_argument("--batch-size", type=int, default=1,
                    help="samples per iteration (default 1); under `accelerate launch`, the global batch, split among "
                         "the processes")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="default sgd")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"], help="default: sgd (paper), adamw (refined)")
     g.add_argument("--lr", type=float,
                    help="learning rate (default: sgd 0.1 at 50 steps, scaled with the step count; adamw 1e-3)")
     g.add_argument("--alpha", type=float, default=1.0, help="sparsity loss weight (default 1)")
     g.add_argument("--dim", type=int, default=512, help="query dimension (default 512)")
     g.add_argument("--no-encoder", action="store_true", help="skip the query encoder (to measure what it does)")
     g.add_argument("--no-checkpoint", action="store_true", help="keep all activations instead of recomputing")
-    g.add_argument("--init", choices=["grid"],
-                   help="grid: start the gates from the searched whole-step schedule (--budget evaluations) instead "
-                        "of all-keep, and keep whichever of it and the trained schedule matches the dense rollout "
-                        "better on the calibration samples (default: the paper's all-keep start)")
+    g.add_argument("--recipe", choices=["refined", "paper"],
+                   help="refined (default): start at the searched whole-step schedule, a loss that sees the whole "
+                        "trajectory, gates held at the target ratio, the best snapshot on held-out samples (never "
+                        "worse than the start); paper: the paper's all-keep start, SSIM loss and post-processing. "
+                        "--init/--loss/--gates/--select replace one setting of the recipe")
+    g.add_argument("--init", choices=["none", "grid"],
+                   help="none: the paper's all-keep start; grid: the searched whole-step schedule (--budget "
+                        "evaluations)")
+    g.add_argument("--loss", choices=["ssim", "ms-ssim", "trajectory"],
+                   help="ssim: 1 - SSIM of the final images (paper); ms-ssim: at three scales; trajectory: also "
+                        "x_t at every step, weighted towards the low-noise end (refined)")
+    g.add_argument("--gates", choices=["argmax", "target"],
+                   help="argmax + sparsity loss (paper); target: train on the schedule at the target ratio")
+    g.add_argument("--select", choices=["none", "calibration", "held-out"],
+                   help="which schedule of the run to keep: the end (paper), or the best snapshot on the "
+                        "calibration / held-out samples among those no worse than the start")
     g.add_argument("--pruner", help="a trained pruner (.safetensors) to threshold instead of training one")
-    g.add_argument("--save-pruner", help="write the trained pruner here (.safetensors)")
+    g.add_argument("--save-pruner", help="write the trained pruner's scores here (.safetensors; refined: those of "
+                                          "the snapshot it keeps)")
     g.add_argument("--state", help="resumable training state file (.safetensors); resumes if it exists")
     g.add_argument("--checkpoint-minutes", type=float, default=5.0,
                    help="save --state every M minutes of training (default 5), and at the end")
@@ -118,10 +131,15 @@ def run(args):
     for f in (out, png, *(report_paths(out).values() if args.method == "auto" else ())):
         if f.exists() and not args.overwrite:
             raise DiffpruneError(f"{f} already exists; choose another --out or pass --overwrite")
-    if args.init and args.method not in ("dipgo", "auto"):
-        raise DiffpruneError("--init only applies to --method dipgo (or auto's DiP-GO candidate)")
+    for name in ("recipe", "init", "loss", "gates", "select"):
+        if getattr(args, name) and args.method not in ("dipgo", "auto"):
+            raise DiffpruneError(f"--{name} only applies to --method dipgo (or auto's DiP-GO candidate)")
     if args.pruner and args.method != "dipgo":
         raise DiffpruneError("--pruner only applies to --method dipgo")
+    training = [f"--{n}" for n in ("recipe", "init", "loss", "gates", "select") if getattr(args, n)]
+    if args.pruner and training:
+        raise DiffpruneError(f"a given --pruner is only thresholded at the ratio; {', '.join(training)} apply to "
+                             f"training one: leave them out, or drop --pruner to train")
     from ._common import claim, parse_classes
     labels = torch.tensor(parse_classes(args.classes)) if args.classes else None
     prompts = None
@@ -160,7 +178,8 @@ def run(args):
     if args.method in ("dipgo", "auto"):
         options = dict(iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        alpha=args.alpha, dim=args.dim, encoder=not args.no_encoder,
-                       checkpoint=not args.no_checkpoint, init=args.init)
+                       checkpoint=not args.no_checkpoint, recipe=args.recipe, init=args.init, loss=args.loss,
+                       gates=args.gates, select=args.select)
         if args.method == "dipgo":
             options.update(pruner=args.pruner, save_pruner=args.save_pruner if procs.is_main_process else None,
                            state_path=args.state, checkpoint_every=args.checkpoint_every,
@@ -201,7 +220,14 @@ def run(args):
     print(f"wrote {out} and {png}: {sched.n_calls} calls{visits} x {sched.n_units} {sched.granularity} units, "
           f"{m.get('method')}, pruned MACs ratio {m.get('pruned_ratio', sched.pruned_ratio(graph)):.4f}"
           + (f" (target {args.ratio})" if args.ratio is not None else ""))
-    if "ssim" in m:
+    if "selected" in m:  # a DiP-GO recipe that selects among its start and snapshots
+        r = m["recipe"]
+        print(f"DiP-GO {r['recipe']} (init {r['init']}, loss {r['loss']}, gates {r['gates']}, select "
+              f"{r['select']}): kept {m['selected']}, calibration SSIM {m['ssim']:.4f}"
+              + (f" (start {m['init_ssim']:.4f})" if "init_ssim" in m else "")
+              + (f", held-out SSIM {m['held_out_ssim']:.4f}" if "held_out_ssim" in m else "")
+              + (f" (start {m['init_held_out_ssim']:.4f})" if "init_held_out_ssim" in m else ""))
+    elif "ssim" in m:
         print(f"SSIM to the dense rollout: {m['ssim']:.4f} ({m.get('evaluations')} evaluations)")
     if m.get("collapse", {}).get("collapsed") and m.get("method") != "step-reuse":
         print(f"note: {m['collapse']['note']}")

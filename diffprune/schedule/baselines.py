@@ -8,7 +8,7 @@
 - whole-step reuse: full steps and reused visits at which the sampler steps with the previous prediction without
   calling the denoiser (step_reuse_schedule, a grid), uniform here, searched in search.py; step_reuse_table is the
   older keep-table form (reused steps as rows that compute no unit), which DiP-GO's tables also fall into.
-The ratio of a table is its pruned MACs ratio with the cascade (dipgo.pruned_ratio).
+The ratio of a table is its pruned MACs ratio with the cascade (ratios.pruned_ratio).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..errors import DiffpruneError
 from ..grid import base_timesteps
 from ..models import UnitGraph
 from ..sampling import make_scheduler
-from .dipgo import pruned_ratio
+from .ratios import pruned_ratio
 from .schedule import Schedule, collapse_report, rollout_calls
 
 

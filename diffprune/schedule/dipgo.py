@@ -27,10 +27,8 @@ gamma is the whole step (skipping it kills everything), the mid block's is its o
 block's is the whole step. This is the cost the runtime actually saves by that one decision, read from the traced
 data flow, not a hand-written table.
 
-Post-processing (table_at_ratio): bisection on the keep-score threshold; cells below it are skipped, the cascade is
-applied (UnitGraph.schedule_macs) and the pruned MACs ratio measured; step 0 is never pruned. The ratio is
-monotone in the threshold, so bisecting over the sorted distinct scores finds the closest achievable ratio; it
-lands within 0.0125 of the target unless one cell's cascade is a bigger jump (say so, don't hide it).
+Post-processing (ratios.table_at_ratio): bisection on the keep-score threshold to the target pruned MACs ratio,
+the cascade applied; step 0 is never pruned.
 """
 from __future__ import annotations
 
@@ -51,11 +49,11 @@ from ..distributed import global_extent, local_share, mean_across_, processes
 from ..errors import DiffpruneError
 from ..models import UnitGraph, architecture_hash, build_graph
 from ..util import atomic_write_bytes, loads_json, ratio as check_ratio
+from .ratios import RATIO_TOLERANCE, pruned_ratio, table_at_ratio  # noqa: F401 (re-exported)
 from .rollouts import batch_share, make_rollouts
 from .runtime import ScheduleRuntime
 from .schedule import Schedule, collapse_report
 
-RATIO_TOLERANCE = 0.0125
 PRUNER_FORMAT = "diffprune-dipgo-pruner"
 SCORES_FORMAT = "diffprune-dipgo-scores"
 
@@ -72,51 +70,6 @@ def cascaded_costs(graph: UnitGraph) -> np.ndarray:
         row[i] = False
         gamma[i] = (total - graph.step_macs(row)) / total
     return gamma
-
-
-def pruned_ratio(table, graph: UnitGraph) -> float:
-    """1 - MACs of the rollout (cascade applied) / MACs of the dense rollout with as many calls."""
-    table = np.asarray(table, dtype=bool)
-    return 1.0 - graph.schedule_macs(table) / (table.shape[0] * graph.total_macs)
-
-
-def table_at_ratio(scores, graph: UnitGraph, ratio: float, tol: float = RATIO_TOLERANCE):
-    """The keep table whose pruned MACs ratio is closest to `ratio` among thresholds on `scores` (steps x units;
-    keep a cell iff its score >= threshold; row 0 always kept). Returns (table, achieved ratio, threshold)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 2 or scores.shape[1] != graph.n_units:
-        raise DiffpruneError(f"scores must be (steps, {graph.n_units}); got {scores.shape}")
-    cuts = np.append(np.unique(scores[1:]), np.inf)  # cut k drops the cells scoring below cuts[k]
-
-    def table(k):
-        t = scores >= cuts[k]
-        t[0] = True
-        return t
-
-    cache: dict[int, float] = {}
-
-    def achieved(k):
-        if k not in cache:
-            cache[k] = pruned_ratio(table(k), graph)
-        return cache[k]
-
-    lo, hi = 0, len(cuts) - 1
-    if achieved(hi) <= ratio:
-        best = hi
-    else:  # smallest k whose ratio reaches the target; the answer is it or the one before
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if achieved(mid) >= ratio:
-                hi = mid
-            else:
-                lo = mid + 1
-        best = min((k for k in (lo - 1, lo) if k >= 0), key=lambda k: abs(achieved(k) - ratio))
-    got = achieved(best)
-    if abs(got - ratio) >= tol:
-        warnings.warn(f"the closest achievable pruned ratio is {got:.4f}, not within {tol} of {ratio}: a single "
-                      f"(step, unit) decision moves the ratio by more than that here (few steps or ties in the "
-                      f"scores)")
-    return table(best), got, float(cuts[best])
 
 
 # ----- the pruner -----------------------------------------------------------------------------------------------
@@ -157,11 +110,15 @@ class Pruner(nn.Module):
         h = F.relu(torch.einsum("tnd,tndh->tnh", h, self.w2) + self.b2)
         return torch.einsum("tnd,tndh->tnh", h, self.w3) + self.b3
 
-    def gates(self) -> torch.Tensor:
-        """Straight-through one-hot [skip, keep] gates; forward values exactly 0/1, step 0 always keep."""
+    def gates(self, table=None) -> torch.Tensor:
+        """Straight-through one-hot [skip, keep] gates; forward values exactly 0/1, step 0 always keep. The hard
+        values are the argmax of each cell's logits, or `table` (a keep table) where given."""
         logits = self()
         probs = logits.softmax(-1)
-        keep = (logits[..., 1] >= logits[..., 0]).to(probs.dtype)
+        if table is None:
+            keep = (logits[..., 1] >= logits[..., 0]).to(probs.dtype)
+        else:
+            keep = torch.as_tensor(np.asarray(table, dtype=bool), device=probs.device).to(probs.dtype)
         hard = torch.stack([1 - keep, keep], dim=-1)
         gates = hard + (probs - probs.detach())
         first = torch.tensor([0.0, 1.0], device=gates.device).expand(1, self.n_units, 2)
@@ -331,23 +288,97 @@ def default_lr(optimizer: str, n_calls: int) -> float:
     return 0.1 * max(1, n_calls - 1) / 49 if optimizer == "sgd" else 1e-3
 
 
+LOSSES = ("ssim", "ms-ssim", "trajectory")
+GATES = ("argmax", "target")
+
+
+@dataclasses.dataclass
+class DipGoOptions:
+    """How a pruner is trained (what train_pruner's rollout arguments do not say). The defaults are the paper's
+    recipe: loss "ssim", gates "argmax" with the sparsity loss, SGD at default_lr.
+
+    loss: what the consistency compares with the dense rollout from the same noise and condition:
+      ssim        1 - SSIM of the final images (the paper);
+      ms-ssim     1 - the mean SSIM of the final images at full, half and quarter resolution (average pooling; a
+                  simple multi-scale SSIM, not Wang et al.'s product of contrast-structure terms);
+      trajectory  per-step consistency, as Learning-to-Cache compares the gated and full trajectories: the
+                  weighted mean of 1 - SSIM between the denoiser inputs x_t of the gated and the dense rollouts at
+                  every call, and the final images, each weighted by its signal share (alphas_cumprod at t, 1 for
+                  the final image; 1 - sigma for flow models), so the low-noise end, where the image's detail is
+                  decided, weighs most.
+    gates: argmax  each cell's own argmax, pushed towards the target by the sparsity loss (alpha), switched off
+                   while the hard schedule prunes more than the target (the paper);
+           target  the hard gates are the schedule the scores give at the target ratio (ratios.table_at_ratio),
+                   so every training rollout runs at exactly the cost of the schedule it will return; no sparsity
+                   loss (the ratio is held by construction), the consistency orders the cells.
+    state_path / checkpoint_every / checkpoint_minutes: resumable training state (see train_pruner)."""
+    iterations: int = 200
+    batch_size: int = 1
+    optimizer: str | None = None  # None: sgd (the paper's), or the recipe's (recipes.py)
+    lr: float | None = None
+    momentum: float = 0.0
+    weight_decay: float = 1e-4
+    warmup: int = 10
+    grad_clip: float = 1.0
+    alpha: float = 1.0
+    dim: int = 512
+    hidden: int = 128
+    encoder: bool = True
+    checkpoint: bool = True
+    loss: str = "ssim"
+    gates: str = "argmax"
+    state_path: object = None
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float = 5.0
+    max_minutes: float | None = None  # stop training after this long (the result says where: config stopped_at)
+
+    @classmethod
+    def of(cls, options: "DipGoOptions | None" = None, **changes) -> "DipGoOptions":
+        """`options` (default: the paper's) with `changes`; an unknown name is a clear error, not a TypeError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise DiffpruneError(f"unknown DiP-GO option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return dataclasses.replace(options or cls(), **changes)
+
+    def check(self) -> "DipGoOptions":
+        if self.optimizer is None:
+            self.optimizer = "sgd"
+        if self.optimizer not in ("sgd", "adamw"):
+            raise DiffpruneError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.loss not in LOSSES:
+            raise DiffpruneError(f"unknown DiP-GO loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.gates not in GATES:
+            raise DiffpruneError(f"unknown DiP-GO gates {self.gates!r}; choose one of {', '.join(GATES)}")
+        for name in ("iterations", "batch_size", "checkpoint_every"):
+            v = getattr(self, name)
+            if (v is not None or name != "checkpoint_every") and (isinstance(v, bool) or not isinstance(v, int)
+                                                                 or v < 1):
+                raise DiffpruneError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0):
+            raise DiffpruneError(f"max_minutes must be a positive number, got {self.max_minutes!r}")
+        if not (isinstance(self.checkpoint_minutes, (int, float)) and self.checkpoint_minutes > 0):
+            raise DiffpruneError(f"checkpoint_minutes must be a positive number, got {self.checkpoint_minutes!r}")
+        return self
+
+
 def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampler: str = "ddim",
-                 granularity: str = "coarse", graph: UnitGraph | None = None, iterations: int = 200,
-                 batch_size: int = 1, optimizer: str = "sgd", lr: float | None = None, momentum: float = 0.0,
-                 weight_decay: float = 1e-4, warmup: int = 10, grad_clip: float = 1.0, alpha: float = 1.0,
-                 guidance_scale: float = 1.0, labels=None, prompts=None, conditions=None, seed: int = 0,
-                 dim: int = 512, hidden: int = 128, encoder: bool = True, checkpoint: bool = True,
-                 pruner: Pruner | None = None, state_path=None, checkpoint_every: int | None = None,
-                 checkpoint_minutes: float = 5.0, progress: bool = True) -> DipGo:
+                 granularity: str = "coarse", graph: UnitGraph | None = None, guidance_scale: float = 1.0,
+                 labels=None, prompts=None, conditions=None, seed: int = 0, pruner: Pruner | None = None,
+                 options: DipGoOptions | None = None, on_iteration=None, progress: bool = True,
+                 **changes) -> DipGo:
     """Train a DiP-GO pruner on `model_or_pipeline` (a bare denoiser or a pipeline; the model is frozen and left
     unchanged) for a target pruned MACs ratio.
 
     labels / prompts / conditions choose the conditions (see rollouts.make_rollouts); every sample gets fresh
-    noise. optimizer "sgd" (weight decay, no momentum: the released recipe; lr 0.1 at 50 steps, see default_lr)
+    noise. options: a DipGoOptions (default the paper's recipe); keywords `changes` replace its fields
+    (train_pruner(model, target=0.8, iterations=50, lr=0.2) works as before the options existed).
+    optimizer "sgd" (weight decay, no momentum: the released recipe; lr 0.1 at 50 steps, see default_lr)
     or "adamw" (lr 1e-3; it normalises gradients, so every cell moves at the same speed and gamma only sets the
     sign); cosine decay after `warmup` linear warm-up iterations; gradient norm clipped to grad_clip. The pruner
     is fp32 whatever the model's precision. checkpoint: recompute each denoiser call in the backward pass
-    (activation checkpointing per step).
+    (activation checkpointing per step). on_iteration(iteration, pruner): called after every optimizer step
+    (the refined recipe snapshots the schedule there).
     state_path: a .safetensors file the pruner and optimizer state are saved to every checkpoint_minutes of
     training (and every checkpoint_every iterations, if given) and at the end; if it exists, training resumes from
     it. It records the model's architecture hash, the units, the rollout (sampler, steps, guidance) and every
@@ -359,27 +390,24 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     history (the logged consistency is the global mean); the main process alone writes state_path and shows the
     progress bar."""
     target = check_ratio(target, "target")
-    if optimizer not in ("sgd", "adamw"):
-        raise DiffpruneError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-    for name, v in (("iterations", iterations), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        if (v is not None or name != "checkpoint_every") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise DiffpruneError(f"{name} must be a positive integer, got {v!r}")
+    o = DipGoOptions.of(options, **changes).check()
+    iterations, batch_size, optimizer, warmup = o.iterations, o.batch_size, o.optimizer, o.warmup
+    state_path, checkpoint_every, checkpoint_minutes = o.state_path, o.checkpoint_every, o.checkpoint_minutes
     if iterations < warmup:
         warnings.warn(f"DiP-GO: {iterations} iterations end within the {warmup}-iteration learning-rate warm-up: "
                       f"the pruner may barely move, and then its schedule is close to arbitrary (checked at the "
                       f"end); train 50 or more iterations", stacklevel=2)
-    if not (isinstance(checkpoint_minutes, (int, float)) and checkpoint_minutes > 0):
-        raise DiffpruneError(f"checkpoint_minutes must be a positive number, got {checkpoint_minutes!r}")
     rollouts = make_rollouts(model_or_pipeline, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                              labels=labels, prompts=prompts, conditions=conditions)
-    lr = lr if lr is not None else default_lr(optimizer, rollouts.n_calls)
+    lr = o.lr if o.lr is not None else default_lr(optimizer, rollouts.n_calls)
+    momentum, weight_decay, grad_clip, alpha = o.momentum, o.weight_decay, o.grad_clip, o.alpha
     model = rollouts.model
     device = next(model.parameters()).device
     procs = processes(device)
     share = local_share(batch_size, procs)
     graph = graph or build_graph(model, granularity)
     T, N = rollouts.n_calls, graph.n_units
-    pruner = (pruner or Pruner(T, N, dim=dim, hidden=hidden, encoder=encoder, seed=seed)).float().to(device)
+    pruner = (pruner or Pruner(T, N, dim=o.dim, hidden=o.hidden, encoder=o.encoder, seed=seed)).float().to(device)
     if (pruner.n_calls, pruner.n_units) != (T, N):
         raise DiffpruneError(f"the pruner is for {pruner.n_calls} calls x {pruner.n_units} units; this run has "
                              f"{T} x {N}")
@@ -400,7 +428,11 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
               "warmup": warmup, "grad_clip": grad_clip, "alpha": alpha, "guidance_scale": guidance_scale,
               "seed": seed, "dim": pruner.dim, "hidden": pruner.hidden, "encoder": pruner.use_encoder,
               "sampler": sampler, "num_steps": num_steps, "granularity": graph.granularity,
-              "model_hash": architecture_hash(model), "units": graph.units, "n_calls": T}
+              "model_hash": architecture_hash(model), "units": graph.units, "n_calls": T, "loss": o.loss,
+              "gates": o.gates}
+    consistency_of = _consistency(o.loss, rollouts, procs)
+    # equal scores (an all-keep start) can only be cut all together: a fixed tiny jitter orders them
+    tie_break = np.random.default_rng(seed).random((T, N)) * 1e-9
     history: list[dict] = []
     start = 0
     if state_path is not None and Path(state_path).exists():
@@ -419,7 +451,7 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     model.requires_grad_(False).eval()
     bar = tqdm(range(start, iterations), desc="dipgo", disable=not (progress and procs.is_main_process),
                initial=start, total=iterations)
-    last_save = time.monotonic()
+    last_save = began = time.monotonic()
     try:
         with runtime:
             for it in bar:
@@ -428,15 +460,22 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
                 noise = rollouts.noise(batch_size, seed=int(rng.integers(0, 2 ** 62)))  # fresh noise every time
                 # the draws above are of the global batch (the same on every process); this process runs its share
                 cond, noise = batch_share(cond, batch_size, share), noise[share]
-                with runtime.paused(), torch.no_grad():
+                with runtime.paused(), torch.no_grad(), _Inputs(model, consistency_of.trajectory) as ref_path:
                     reference = rollouts.run(noise, cond)
-                gates = pruner.gates()
+                if o.gates == "target":  # the schedule the scores give at the target: the one training shapes
+                    table, _, _ = table_at_ratio(pruner.keep_scores() + tie_break, graph, target, tol=1.0)
+                    gates = pruner.gates(table)
+                else:
+                    gates = pruner.gates()
                 runtime.set_gates(gates)
-                images = rollouts.run(noise, cond, differentiable=True, checkpoint=checkpoint)
-                consistency = 1 - rollouts.similarity(images, reference, extent=lambda r: global_extent(r, procs))
+                with _Inputs(model, consistency_of.trajectory) as path:
+                    images = rollouts.run(noise, cond, differentiable=True, checkpoint=o.checkpoint)
+                consistency = consistency_of(images, reference, path.inputs, ref_path.inputs)
                 kept = graph.schedule_macs(runtime.keep) / dense_macs
                 sparsity = alpha * (gates[1:, :, 1] * gamma).sum(-1).mean()
-                sparse_on = kept > 1 - target  # drop the sparsity term once the hard schedule is cheap enough
+                # drop the sparsity term once the hard schedule is cheap enough (never on under target gates:
+                # they hold the ratio themselves)
+                sparse_on = o.gates == "argmax" and kept > 1 - target
                 loss = consistency + sparsity if sparse_on else consistency
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -453,6 +492,8 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
                        "sparsity": sparsity.item(), "sparsity_on": bool(sparse_on), "kept_macs": float(kept),
                        "grad_norm": grad_norm, "lr": lr_now}
                 history.append(row)
+                if on_iteration is not None:
+                    on_iteration(it, pruner)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{kept:.3f}")
                 if it == start:
                     first_done = time.perf_counter()
@@ -465,6 +506,12 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
                         _save_state(state_path, pruner, opt, config, it + 1, history)
                     procs.wait_for_everyone()  # nobody reads the file back before it is complete
                     last_save = time.monotonic()
+                if o.max_minutes is not None and it + 1 < iterations and _agreed(
+                        time.monotonic() - began >= o.max_minutes * 60, procs, device):
+                    result.warnings.append(f"DiP-GO: stopped after {it + 1} of {iterations} iterations "
+                                           f"(max_minutes {o.max_minutes})")
+                    result.config["stopped_at"] = it + 1
+                    break
     finally:
         for p, f in zip(model.parameters(), frozen):
             p.requires_grad_(f)
@@ -473,6 +520,83 @@ def train_pruner(model_or_pipeline, *, target: float, num_steps: int = 50, sampl
     for w in result.warnings:
         warnings.warn(w, stacklevel=2)
     return result
+
+
+class _Inputs:
+    """Records the denoiser's input x_t at every call of one rollout (not again while a checkpointed call is
+    recomputed in the backward pass); inactive unless `active`."""
+
+    def __init__(self, model, active: bool):
+        self.model, self.active, self.inputs, self._handle = model, active, [], None
+
+    def _hook(self, module, args, kwargs):
+        if getattr(module, "_diffprune_recompute_step", None) is None:
+            x = args[0] if args and torch.is_tensor(args[0]) else kwargs.get("hidden_states", kwargs.get("sample"))
+            self.inputs.append(x)
+
+    def __enter__(self):
+        if self.active:
+            self._handle = self.model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._handle is not None:
+            self._handle.remove()
+
+
+def _consistency(loss: str, rollouts, procs):
+    """consistency(images, reference, inputs, reference_inputs) -> 0-dim tensor for DipGoOptions.loss; its
+    .trajectory says whether it needs the denoiser inputs recorded."""
+    def extent(r):
+        return global_extent(r, procs)
+
+    def ssim_loss(images, reference, inputs, ref_inputs):
+        return 1 - rollouts.similarity(images, reference, extent=extent)
+
+    def ms_ssim_loss(images, reference, inputs, ref_inputs):
+        values, a, b = [], images, reference
+        for _ in range(3):
+            values.append(rollouts.similarity(a, b, extent=extent))
+            if min(a.shape[-2:]) < 8:
+                break
+            a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
+        return 1 - torch.stack(values).mean()
+
+    weights = _signal_share(rollouts)
+
+    def trajectory_loss(images, reference, inputs, ref_inputs):
+        from ..metrics.quality import ssim
+        if len(inputs) != len(ref_inputs) or len(inputs) != len(weights):
+            raise DiffpruneError(f"the trajectory loss recorded {len(inputs)} denoiser calls, the dense rollout "
+                                 f"{len(ref_inputs)}, the sampler has {len(weights)}: this model's forward does "
+                                 f"not take x_t first; use --loss ssim or ms-ssim")
+        terms, w = [], []
+        for k in range(1, len(inputs)):  # the input of call 0 is the initial noise, the same in both
+            ref = ref_inputs[k][: len(reference)].float()  # under guidance the doubled batch is [x; x]
+            lo, hi = extent(ref)
+            span = (lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))  # x_t is not clamped: read it in its own range
+            terms.append(1 - ssim(inputs[k][: len(reference)].float(), ref, value_range=span))
+            w.append(weights[k])
+        terms.append(ssim_loss(images, reference, None, None))
+        w.append(1.0)
+        w = torch.tensor(w, dtype=terms[-1].dtype, device=terms[-1].device)
+        return (torch.stack(terms) * w).sum() / w.sum()
+
+    fn = {"ssim": ssim_loss, "ms-ssim": ms_ssim_loss, "trajectory": trajectory_loss}[loss]
+    fn.trajectory = loss == "trajectory"
+    return fn
+
+
+def _signal_share(rollouts) -> list[float]:
+    """Per denoiser call, the share of signal in its input x_t: alphas_cumprod[t] (1 - sigma for flow models)."""
+    import copy
+    sched = copy.deepcopy(rollouts.scheduler)
+    sched.set_timesteps(rollouts.num_steps)
+    ts = sched.timesteps
+    if hasattr(sched, "alphas_cumprod"):
+        ac = sched.alphas_cumprod
+        return [float(ac[int(t)]) for t in ts]
+    return [float(1 - s) for s in sched.sigmas[: len(ts)]]
 
 
 def _say_eta(bar, seconds_per_iteration: float, remaining: int):
@@ -498,7 +622,8 @@ def _stalled(history: list[dict], pruner) -> list[str]:
 # what a state file is tied to: resuming under any other value would train something else
 _RUN_KEYS = ("model_hash", "units", "n_calls", "target", "optimizer", "batch_size", "seed", "dim", "hidden",
              "encoder", "sampler", "num_steps", "granularity", "alpha", "guidance_scale", "lr", "momentum",
-             "weight_decay", "warmup", "grad_clip")
+             "weight_decay", "warmup", "grad_clip", "loss", "gates")
+_BEFORE_RECIPES = {"loss": "ssim", "gates": "argmax"}  # state files written before these options existed
 
 
 def _kind(x):
@@ -512,11 +637,16 @@ def _state_due(done, iterations, every, time_due, procs, device) -> bool:
     process (the processes agree, or some would wait for a save that never comes)."""
     if done == iterations or (every is not None and done % every == 0):
         return True
+    return _agreed(time_due, procs, device)
+
+
+def _agreed(flag: bool, procs, device) -> bool:
+    """True on every process when it is true on any (a time limit seen by one process)."""
     if procs.num_processes > 1:
-        flag = torch.tensor([float(time_due)], device=device)
-        mean_across_([flag], procs)
-        time_due = bool(flag.item() > 0)
-    return time_due
+        t = torch.tensor([float(flag)], device=device)
+        mean_across_([t], procs)
+        flag = bool(t.item() > 0)
+    return flag
 
 
 _HISTORY_NUMBERS = ("loss", "consistency", "sparsity", "kept_macs", "grad_norm", "lr")
@@ -567,8 +697,8 @@ def _load_state(path, pruner, opt, config, iterations):
         raise DiffpruneError(f"{path} holds a pruner being trained for another model or unit set ({n} units, "
                              f"architecture {str(saved.get('model_hash'))[:12]}; this run: {len(config['units'])} "
                              f"units, {config['model_hash'][:12]}); {again}")
-    changed = [f"{k}: {saved.get(k)!r} there, {config.get(k)!r} here"
-               for k in _RUN_KEYS if saved.get(k) != config.get(k)]
+    changed = [f"{k}: {saved.get(k, _BEFORE_RECIPES.get(k))!r} there, {config.get(k)!r} here"
+               for k in _RUN_KEYS if saved.get(k, _BEFORE_RECIPES.get(k)) != config.get(k)]
     if changed:
         raise DiffpruneError(f"{path} holds a run with other settings ({'; '.join(changed)}); use the same "
                              f"settings to resume, or another state file")
@@ -605,5 +735,5 @@ def _load_state(path, pruner, opt, config, iterations):
     return iteration, list(meta["history"])
 
 
-__all__ = ["Pruner", "DipGo", "train_pruner", "table_at_ratio", "cascaded_costs", "pruned_ratio",
+__all__ = ["Pruner", "DipGo", "DipGoOptions", "train_pruner", "table_at_ratio", "cascaded_costs", "pruned_ratio",
            "RATIO_TOLERANCE"]
