@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import global_extent, local_share, mean_across_, processes
 from ..errors import DiffpruneError
+from ..metrics.quality import ssim
 from ..models import UnitGraph, architecture_hash, build_graph
 from ..util import atomic_write_bytes, loads_json, ratio as check_ratio
 from .ratios import RATIO_TOLERANCE, pruned_ratio, table_at_ratio  # noqa: F401 (re-exported)
@@ -565,7 +566,6 @@ def _consistency(loss: str, rollouts, procs):
     weights = _signal_share(rollouts)
 
     def trajectory_loss(images, reference, inputs, ref_inputs):
-        from ..metrics.quality import ssim
         if len(inputs) != len(ref_inputs) or len(inputs) != len(weights):
             raise DiffpruneError(f"the trajectory loss recorded {len(inputs)} denoiser calls, the dense rollout "
                                  f"{len(ref_inputs)}, the sampler has {len(weights)}: this model's forward does "
