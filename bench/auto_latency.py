@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Captured latency of the schedules bench/auto_fmnist.py saved for one configuration: the whole rollout as one
-CUDA graph (diffprune.metrics.latency.time_rollout mode "capture"), batch 1 and 8, CFG 2, the dense rollout first.
+CUDA graph (diffprune.latency.time_rollout mode "capture"), batch 1 and 8, CFG 2, the dense rollout first.
 Learned schedules of seed 0 only (a second seed's schedule has the same kind of structure). Run it alone on its
 GPU (nothing else running there): latencies of concurrent processes mean nothing. Rows go to
 OUT/CONFIG/latency.json as they finish; --max-minutes skips the rest.
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from diffprune import zoo  # noqa: E402
-from diffprune.metrics.latency import time_rollout  # noqa: E402
+from diffprune.latency import time_rollout  # noqa: E402
 from diffprune.models import build_graph  # noqa: E402
 from diffprune.schedule import Schedule  # noqa: E402
 from diffprune.util import atomic_write_text  # noqa: E402
