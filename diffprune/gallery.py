@@ -41,12 +41,14 @@ class Gallery:
 
 def draw(obj, *, steps: int, sampler: str, guidance_scale: float, seed: int = 0, schedule=None,
          prompts=None, classes=None, per_class: int = 8, n: int | None = None, compile: bool = False,
-         device="cpu", procs=None, before=None) -> Gallery:
-    """Samples of `obj` (a pipeline or a denoiser). compile: the whole rollout as one CUDA graph (CUDA only).
+         compile_units: bool = False, device="cpu", procs=None, before=None) -> Gallery:
+    """Samples of `obj` (a pipeline or a denoiser). compile: the whole rollout as one CUDA graph (CUDA only);
+    compile_units: its units compiled with torch.compile inside that graph (implies compile).
     procs: accelerate's process state (None: one process). before(): called once the request is known to be
     sane, just before the sampling starts (the CLI claims its outputs there)."""
     gallery = _draw(obj, steps=steps, sampler=sampler, guidance_scale=guidance_scale, seed=seed, schedule=schedule,
-                    prompts=prompts, classes=classes, per_class=per_class, n=n, compile=compile, device=device,
+                    prompts=prompts, classes=classes, per_class=per_class, n=n, compile=compile or compile_units,
+                    compile_units=compile_units, device=device,
                     procs=procs, before=before or (lambda: None))
     if gallery.images.shape[1] not in (1, 3):
         raise DiffpruneError("these are latents (the model is a latent denoiser); point at a pipeline "
@@ -54,8 +56,8 @@ def draw(obj, *, steps: int, sampler: str, guidance_scale: float, seed: int = 0,
     return gallery
 
 
-def _draw(obj, *, steps, sampler, guidance_scale, seed, schedule, prompts, classes, per_class, n, compile, device,
-          procs, before) -> Gallery:
+def _draw(obj, *, steps, sampler, guidance_scale, seed, schedule, prompts, classes, per_class, n, compile,
+          compile_units, device, procs, before) -> Gallery:
     model = denoiser_of(obj)
     adapter = get_adapter(model)
     grid = schedule.grid if schedule is not None else None
@@ -72,7 +74,8 @@ def _draw(obj, *, steps, sampler, guidance_scale, seed, schedule, prompts, class
             if compile:
                 cond, uncond = encode_prompts(obj, prompts)
                 rollout = capture_rollout(obj, schedule, steps=steps, sampler=sampler, batch=len(prompts),
-                                          cond=cond, uncond=uncond, guidance_scale=guidance_scale)
+                                          cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+                                          compile_units=compile_units)
                 with torch.no_grad():
                     images = decode_latents(obj, rollout(seed=seed))
             else:
@@ -89,7 +92,8 @@ def _draw(obj, *, steps, sampler, guidance_scale, seed, schedule, prompts, class
             labels = torch.tensor(classes).repeat_interleave(per_class)
             if compile:
                 images = capture_rollout(model, schedule, steps=steps, sampler=sampler, batch=len(labels),
-                                         labels=labels.to(device), guidance_scale=guidance_scale)(seed=seed)
+                                         labels=labels.to(device), guidance_scale=guidance_scale,
+                                         compile_units=compile_units)(seed=seed)
             else:
                 images = _shared(model, steps, sampler, guidance_scale, seed, len(labels), labels, procs, grid,
                                  device)
@@ -101,7 +105,8 @@ def _draw(obj, *, steps, sampler, guidance_scale, seed, schedule, prompts, class
         n = n or 16
         before()
         if compile:
-            images = capture_rollout(model, schedule, steps=steps, sampler=sampler, batch=n)(seed=seed)
+            images = capture_rollout(model, schedule, steps=steps, sampler=sampler, batch=n,
+                                     compile_units=compile_units)(seed=seed)
         else:
             images = _shared(model, steps, sampler, guidance_scale, seed, n, None, procs, grid, device)
         return Gallery(images, None, min(n, 8))

@@ -265,8 +265,9 @@ def test_captured_rollout_refuses_what_cannot_be_captured():
         capture_rollout(model, steps=4, sampler="ddpm", mode="graph")
     with pytest.raises(DiffpruneError, match="needs the model on a CUDA device"):
         capture_rollout(model, steps=4, mode="graph")
-    r = run_cli("sample", "tiny-unet", "--compile", "--steps", "2", "--out", "/tmp/never.png")
-    assert r.returncode != 0 and "needs --device cuda" in r.stderr and "Traceback" not in r.stderr
+    for flag in ("--compile", "--compile-units"):
+        r = run_cli("sample", "tiny-unet", flag, "--steps", "2", "--out", "/tmp/never.png")
+        assert r.returncode != 0 and "needs --device cuda" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_rollout_timing_counts_attention_and_runs_grids():

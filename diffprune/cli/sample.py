@@ -18,6 +18,10 @@ def add_parser(sub):
                    help="CUDA only: capture the whole rollout (every denoiser call, the sampler and the guidance "
                         "arithmetic) as one CUDA graph and replay it; same samples, no Python per step "
                         "(deterministic samplers: ddim, plms, dpm-solver++)")
+    p.add_argument("--compile-units", action="store_true",
+                   help="--compile, with every unit (block) compiled by torch.compile inside the graph: faster "
+                        "kernels (DiT-XL/2 on an H200: 1.29x over --compile, BENCHMARKS.md) for a compilation of "
+                        "seconds to minutes; worth it for long jobs")
     p.add_argument("--overwrite", action="store_true", help="replace --out / --npz if they exist")
     from ._common import add_sampling_args
     add_sampling_args(p)
@@ -42,7 +46,7 @@ def run(args):
     schedule = load_schedule(args.schedule)
     resolve_rollout(args, schedule)
     procs = processes(args.device)  # first: under accelerate launch it makes "cuda" this process's GPU
-    if args.compile and procs.num_processes > 1:
+    if (args.compile or args.compile_units) and procs.num_processes > 1:
         raise DiffpruneError("--compile runs in one process; run without accelerate launch")
     obj = load_for_sampling(args.model, args.device, args.dtype)
     if args.guidance_scale is None:
@@ -56,7 +60,7 @@ def run(args):
 
     gallery = draw(obj, steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale, seed=args.seed,
                    schedule=schedule, prompts=args.prompt, classes=classes, per_class=args.per_class, n=args.n,
-                   compile=args.compile, device=args.device, procs=procs, before=claim_outputs)
+                   compile=args.compile, compile_units=args.compile_units, device=args.device, procs=procs, before=claim_outputs)
     if not procs.is_main_process:
         return 0
     title = f"{args.model}: {args.sampler} {args.steps} steps, cfg {args.guidance_scale:g}, seed {args.seed}"
