@@ -84,8 +84,8 @@ def test_a_state_file_of_another_model_is_refused(tmp_path):
 
 def test_a_state_file_of_another_unit_count_is_a_clean_cli_error(tmp_path, capsys):
     state = tmp_path / "state.safetensors"
-    common = ["--method", "dipgo", "--ratio", "0.5", "--steps", "3", "--iterations", "1", "--dim", "8",
-              "--state", str(state)]
+    common = ["--method", "dipgo", "--recipe", "paper", "--ratio", "0.5", "--steps", "3", "--iterations", "1",
+              "--dim", "8", "--state", str(state)]
     assert main(["search", "tiny-unet", *common, "--out", str(tmp_path / "a.json")]) == 0
     assert main(["search", "tiny-dit", *common, "--out", str(tmp_path / "b.json")]) == 2  # before: a traceback
     err = capsys.readouterr().err
@@ -578,7 +578,9 @@ def _fuzz_pruner_file(tmp_path, n, seed):
             refused += 1
             continue
         assert loaded.pruner.keep_scores().shape == (3, graph.n_units)
-    assert refused > n // 3
+    # the mutations must reach the checks; the metadata also records the training options (DipGoOptions), which a
+    # load does not use, so a share of the mutations land where nothing needs refusing
+    assert refused > n // 4
 
 
 def test_fuzz_pruned_model_json(tmp_path, saved_unet):
