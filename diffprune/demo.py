@@ -47,7 +47,9 @@ SHIPPED_SCHEDULES = Path(__file__).parent / "demo_schedules"
 class DemoSettings:
     """What the demo runs; the defaults are the CPU ones (default_settings picks per device)."""
     device: str = "cpu"
-    n_samples: int = 50
+    # 30 samples, 6 search evaluations and 2 latency repeats, so that the default run fits in 5 minutes on 2 idle
+    # cores (measured there: 50 / 12 / 3 took 7.0 minutes, 40 / 6 / 2 took 6.0; the sampling is most of it)
+    n_samples: int = 30
     steps: int = 20
     ratios: tuple = (0.6, 0.8)
     iterations: int = 10          # DiP-GO training iterations (each pruner)
@@ -57,13 +59,13 @@ class DemoSettings:
     dipgo_lr: float = 0.1
     seed: int = 0
     eval_batch: int = 20          # sampling batch: the same for every variant, so the noise is the same
-    latency_repeats: int = 3
+    latency_repeats: int = 2
     curve_stride: int = 40        # the loss curve visits every curve_stride-th training timestep ...
     curve_batch: int = 12         # ... on this many Fashion-MNIST training images
     grid_columns: int = 10
     quick: bool = False
     retrain: bool = False         # train the DiP-GO pruners here even where shipped schedules fit
-    search_budget: int = 12       # evaluations of each search auto runs (searched grid, step reuse) ...
+    search_budget: int = 6        # evaluations of each search auto runs (searched grid, step reuse) ...
     search_samples: int = 2       # ... on this many calibration samples (and auto's held-out score on as many)
     steps_reason: str = ("DDIM 20 instead of 50 so that the default run fits in 10 minutes on a 2-core CPU, "
                          "where 50 steps would take about 2.5 times as long")
