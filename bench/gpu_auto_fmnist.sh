@@ -24,6 +24,7 @@ ITERS=${ITERS:-80}         # DiP-GO iterations x batch 4 (fewer where phase A's 
 SAMPLERS=${SAMPLERS:-"ddim:50 dpm-solver++:20"}
 DEVICE=${DEVICE:-cuda}     # DEVICE=cpu LAT_MODE=eager: a smoke test of this script on a CPU
 LAT_MODE=${LAT_MODE:-capture}
+read -r -a GPU_IDS <<< "${GPUS:-0 1}"   # the GPUs the jobs are dealt to (GPUS="0": one GPU, the other left free)
 case $PART in
   1) MODEL=fmnist-dit ;;
   2) MODEL=fmnist-unet ;;
@@ -43,7 +44,7 @@ minutes=$("$PY" -c "print(($A_S - 15) / 60)")
 for ss in $SAMPLERS; do
   s=${ss%%:*}; n=${ss##*:}
   for job in "${jobs[@]}"; do
-    gpu=$((i % 2)); i=$((i + 1))
+    gpu=${GPU_IDS[$((i % ${#GPU_IDS[@]}))]}; i=$((i + 1))
     CUDA_VISIBLE_DEVICES=$gpu timeout "$A_S" "$PY" bench/auto_fmnist.py --model "$MODEL" --sampler "$s" --steps "$n" \
       --ratios "$RATIOS" --n "$N" --iterations "$ITERS" --budget "${BUDGET:-32}" --job "$job" \
       --max-minutes "$minutes" --device "$DEVICE" \
@@ -52,12 +53,13 @@ for ss in $SAMPLERS; do
 done
 wait
 echo "phase A done at ${SECONDS}s"
-gpu=0
+i=0
 for d in "$WORK"/"$MODEL"_*/; do
-  c=$(basename "$d")
+  c=$(basename "$d"); gpu=${GPU_IDS[$((i % ${#GPU_IDS[@]}))]}; i=$((i + 1))
+  # one configuration per GPU at a time: latencies are timed with nothing else on that GPU
+  [ "$i" -gt "${#GPU_IDS[@]}" ] && wait
   CUDA_VISIBLE_DEVICES=$gpu timeout "$B_S" "$PY" bench/auto_latency.py --config "$c" --device "$DEVICE" \
     --mode "$LAT_MODE" --max-minutes "$("$PY" -c "print(($B_S - 20) / 60)")" > "$WORK/${c}_latency.log" 2>&1 &
-  gpu=$((gpu + 1))
 done
 wait
 echo "phase B done at ${SECONDS}s"

@@ -27,6 +27,8 @@ WR_UNET=${WR_UNET:-0.25}; WR_DIT=${WR_DIT:-0.45}; WR_BOTH_UNET=${WR_BOTH_UNET:-0
 TARGET_UNET=${TARGET_UNET:-0.553}; TARGET_DIT=${TARGET_DIT:-0.552}   # the width runs' kept MACs
 LAT_BATCHES=${LAT_BATCHES:-1 8}; LAT_MODE=${LAT_MODE:-graph}; [ "$DEVICE" = cpu ] && LAT_MODE=eager
 BENCH_EXTRA=${BENCH_EXTRA:---steps 50 --repeats 5}
+MODELS=${MODELS:-fmnist-unet fmnist-dit}; VARIANTS=${VARIANTS:-width depth both}   # a subset reruns only those chains
+LAT_VARIANTS=${LAT_VARIANTS:-dense $VARIANTS}
 DEADLINE=${DEADLINE:-570}; LAT_AT=${LAT_AT:-470}; LAT_TIMEOUT=${LAT_TIMEOUT:-60}
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
@@ -57,15 +59,15 @@ chain() {  # MODEL VARIANT: prune (to the MACs target) -> fine-tune -> eval, eac
   fi
 }
 
-for m in fmnist-unet fmnist-dit; do
-  for v in width depth both; do chain "$m" "$v" & done
+for m in $MODELS; do
+  for v in $VARIANTS; do chain "$m" "$v" & done
 done
-el "launched 6 chains"
+el "launched the chains: $MODELS x $VARIANTS"
 while [ -n "$(jobs -r)" ] && [ $(( $(date +%s) - T0 )) -lt "$LAT_AT" ]; do sleep 5; done
 el "chains left: $(jobs -r | wc -l)"
 if [ -z "$(jobs -r)" ]; then
-  for m in fmnist-unet fmnist-dit; do
-    for v in dense width depth both; do
+  for m in $MODELS; do
+    for v in $LAT_VARIANTS; do
       src=$RUNS/$m/finetune-$v/model; [ "$v" = dense ] && src=$m
       [ "$v" = dense ] || [ -e "$src" ] || continue
       for b in $LAT_BATCHES; do
@@ -122,5 +124,5 @@ json.dump(rows, open(os.path.join(out, "summary.json"), "w"), indent=1)
 open(os.path.join(out, "summary.md"), "w").write("\n".join(table) + "\n")
 print("\n".join(table))
 EOF
-for m in fmnist-unet fmnist-dit; do cp "$RUNS/$m"/*.log "$OUT/" 2>/dev/null; done
+for m in $MODELS; do cp "$RUNS/$m"/*.log "$OUT/" 2>/dev/null; done
 el "done"
