@@ -16,6 +16,10 @@ evaluated on --n samples from seed 0 (SSIM/PSNR to dense from the same noise and
 accuracy when --n >= 200). Rows are written as they finish (OUT/dipgo_refined_MODEL_SAMPLER_STEPS.json / .md);
 --max-minutes skips the rest.
 
+One process per variant (they run concurrently on a GPU), then one table of all of them:
+  OUT=/tmp/abl/$i python bench/dipgo_refined.py --variants "paper +init" ...      (each in its own OUT)
+  python bench/dipgo_refined.py --merge /tmp/abl/*/dipgo_refined_*.json > table.md
+
 CPU (the loss comparison of BENCHMARKS.md, about 25 min on 2 busy cores):
   OUT=/tmp/abl python bench/dipgo_refined.py --device cpu --model fmnist-unet --steps 10 --ratios 0.6,0.8 \\
       --iterations 16 --batch-size 2 --eval-samples 4 --n 64
@@ -77,7 +81,11 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-minutes", type=float, default=8.0)
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="print one table of these runs' rows and stop")
     args = ap.parse_args()
+    if args.merge:
+        print(merge(args.merge))
+        return
     t0 = time.time()
     out = Path(os.environ.get("OUT", "bench/results"))
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +145,26 @@ def main():
                                             **VARIANTS[name])
             add(name, ratio, sched, time.time() - t)
     write()
+
+
+def merge(paths) -> str:
+    """One table, rows by ratio then variant, from runs of one model and sampler (the reference rows every
+    process repeats, fewer steps and step reuse, once: same seeds, same numbers)."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    seen, rows = set(), []
+    for doc in docs:
+        for r in doc["rows"]:
+            if (r["variant"], r["target"]) not in seen:
+                seen.add((r["variant"], r["target"]))
+                rows.append(r)
+    order = ["fewer steps", "step reuse", *VARIANTS]
+    rows.sort(key=lambda r: (-r["target"], order.index(r["variant"]) if r["variant"] in order else len(order)))
+    a = docs[0]["args"]
+    head = (f"DiP-GO ablation: {docs[0]['model']}, {a['sampler']} {a['steps']} steps, CFG {a['cfg']}; "
+            f"{a['iterations']} iterations x batch {a['batch_size']}, {a['eval_samples']} calibration samples, "
+            f"evaluated on {a['n']}; {docs[0]['device']}\n\n")
+    stopped = sorted({d["stopped"] for d in docs if d.get("stopped")})
+    return head + format_table(rows, COLUMNS) + ("\n\n" + "\n".join(f"- {s}" for s in stopped) if stopped else "")
 
 
 if __name__ == "__main__":

@@ -86,11 +86,15 @@ def main(argv=None):
         w = first["macs_after"] / (1 - m1 / d) if args.mode == "both" else d
         pred = {n: (w - w / d * sum(u["macs"] for u in units[:n])) / d for n in range(1, n_units + 1)}
         n = min(pred, key=lambda k: abs(pred[k] - args.target))
-        for _ in range(4):
+        checks = 0
+        while checks < 4:
             kept = attempt(n)[0]
-            # a count that would empty a level is refused: try one unit fewer (it used to stop the search there)
+            # a count that would empty a level is refused: step down to the largest count that is not (refusals
+            # do not count as checks: with diff-pruning's order on fmnist-unet the lowest scores sit in one level,
+            # and four refused counts in a row stopped the search at one unit)
+            checks += kept is not None
             step = -1 if kept is None else 1 if kept > args.target else -1
-            if step == 0 or not 1 <= n + step <= n_units or n + step in tried:
+            if not 1 <= n + step <= n_units or n + step in tried:
                 break
             n += step
         scored = [(abs(k - args.target), n) for n, (k, _, _) in tried.items() if k is not None]
