@@ -25,7 +25,7 @@ LAYERS = [
     # measuring rollouts; samples to look at; a training run as the commands start it (models by zoo name)
     ["diffprune.evaluate", "diffprune.evaluate_text", "diffprune.latency", "diffprune.gallery",
      "diffprune.train.run"],
-    ["diffprune.demo", "diffprune.demo_report"],
+    ["diffprune.demo"],
     ["diffprune.cli", "diffprune.__main__"],
 ]
 
@@ -45,8 +45,6 @@ ALLOWED = {
 LAZY_MODULES = {
     "diffprune.cli": "build_parser imports every command: the library (diffusers, torch-pruning) loads only when "
                      "a command runs, so `diffprune --help` stays fast",
-    "diffprune.demo": "pending: the demo is split into a demo/ package on another branch",
-    "diffprune.demo_report": "pending: the demo is split into a demo/ package on another branch",
 }
 
 
