@@ -8,6 +8,7 @@ import warnings
 
 from ..errors import DiffpruneError
 from ..models import build_graph
+from ..schedule.ratios import RATIO_TOLERANCE
 from .. import schedule  # schedule.train_pruner looked up when called (tests spy on it)
 from ..util import read_json
 from ..zoo import load_model
@@ -94,7 +95,7 @@ def _load_shipped(model_name: str, model, graph, ratios: dict, s: DemoSettings) 
         sched = schedule.Schedule.load(SHIPPED_SCHEDULES / e["file"])
         sched.check(graph, model=model, sampler=SAMPLER, num_steps=s.steps)
         got = sched.pruned_ratio(graph)
-        note = (f"its schedule prunes {got:.3f} of the MACs, not {r:.3f}" if abs(got - r) >= 0.0125 else None)
+        note = (f"its schedule prunes {got:.3f} of the MACs, not {r:.3f}" if abs(got - r) >= RATIO_TOLERANCE else None)
         schedules[level] = (sched, note)
         training = dict(sched.meta.get("training") or {})
         first, last = training.pop("first", None), training.pop("last", None)
@@ -117,7 +118,7 @@ def _threshold(result, ratio, graph):
         sched = result.schedule(ratio)
     got = sched.pruned_ratio(graph)
     note = None
-    if abs(got - ratio) >= 0.0125:
+    if abs(got - ratio) >= RATIO_TOLERANCE:
         note = (f"its schedule prunes {got:.3f} of the MACs, not {ratio:.3f}: with {sched.n_calls} denoiser calls "
                 f"one (step, unit) decision moves the ratio by more than that")
     return sched, note

@@ -7,6 +7,7 @@ import numpy as np
 
 from ..metrics import classifier, quality
 from ..metrics.quality import frechet_distance
+from ..schedule.ratios import RATIO_TOLERANCE
 from .settings import BOOTSTRAP, DemoSettings
 
 
@@ -96,13 +97,11 @@ def level_verdict(results: dict, level: float) -> dict:
     return out
 
 
-SHORT = 0.0125  # a variant pruning less than its level by this much is cheaper to beat: not in the contest
-
-
 def achieved(v: dict) -> float:
     """The share of the dense rollout's MACs the variant prunes."""
     return v["reached_ratio"] if v.get("reached_ratio") is not None else 1 - 1 / v["macs_speedup"]
 
 
 def short_of(v: dict, level: float) -> bool:
-    return bool(v.get("capped")) or achieved(v) < level - SHORT
+    """Prunes less than its level by a visible amount (RATIO_TOLERANCE): cheaper to beat, so not in the contest."""
+    return bool(v.get("capped")) or achieved(v) < level - RATIO_TOLERANCE

@@ -8,6 +8,7 @@ from ..sampling import rollout_length
 from ..schedule import Schedule, search_schedule
 from ..schedule.auto import SHORTFALL, Candidate, auto_search, make_candidates, row
 from ..schedule.baselines import deepcache_row, fewer_steps_count, table_with_full_steps
+from ..schedule.ratios import RATIO_TOLERANCE
 from ..schedule.schedule import collapse_report
 from .settings import DEEPCACHE_DEPTH, FAMILY_NAMES, GUIDANCE, SAMPLER, DemoSettings
 
@@ -83,7 +84,7 @@ def baseline_variants(dense, s: DemoSettings, graph, ev, record, variants):
             variants.append({**v, "capped": True, "reached_ratio": cap})
             continue
         got = sched.pruned_ratio(graph)
-        capped = r - got >= 0.0125  # DeepCache's nearest schedule prunes visibly less: it sits at its cap
+        capped = r - got >= RATIO_TOLERANCE  # DeepCache's nearest schedule prunes visibly less: it sits at its cap
         name = f"DeepCache {r:g}" + (f" (capped: {got:.3f})" if capped else "")
         m, imgs = ev(dense, schedule=sched, num_steps=s.steps)
         record(f"deepcache-{r:g}", name, "deepcache", "dense", dense, m, imgs, level=r, schedule=sched,
