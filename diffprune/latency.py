@@ -149,6 +149,13 @@ def _conditions(model, batch: int, cfg: bool):
     return cond, uncond
 
 
+def captured_rollout_ms(model, schedule, *, graph, sampler: str, steps: int, guidance_scale: float) -> float:
+    """Median ms of one rollout at batch 1 (CFG when guidance_scale > 1) captured as one CUDA graph: what
+    `search --method auto --latency-ms` holds each candidate to (schedule.auto_search's timer)."""
+    return float(time_rollout(model, schedule, steps=steps, sampler=sampler, batch=1, cfg=guidance_scale > 1,
+                              guidance_scale=guidance_scale, mode="capture", graph=graph)["median_ms"])
+
+
 def macs_summary(graph, schedule, n_calls: int, run_graph=None) -> dict:
     """Dense (n_calls calls) and scheduled MACs of a rollout (cascade applied) and the ideal speedups they imply:
     macs_ideal_speedup in torch-pruning's convention (the papers'; `graph`), ideal_speedup with the attention

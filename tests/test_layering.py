@@ -31,11 +31,6 @@ LAYERS = [
 
 # (importer, imported): why this import may run against the layers or sit inside a function
 ALLOWED = {
-    ("diffprune.schedule.auto", "diffprune.latency"):
-        "auto's latency budget times rollouts; auto is a driver above measurement (move it out of schedule/)",
-    ("diffprune.schedule.auto", "diffprune.schedule.search"): "pending: auto.py is being reworked on another branch",
-    ("diffprune.schedule.auto", "diffprune.util"): "pending: auto.py is being reworked on another branch",
-    ("diffprune.schedule.auto", "diffprune.schedule.plot"): "pending: auto.py is being reworked on another branch",
     ("diffprune.schedule.gridsearch", "diffprune.sampling"): "pending: gridsearch.py is reworked on another branch",
     ("diffprune.schedule.search", "diffprune.schedule.dipgo"): "pending: search.py is reworked on another branch",
     ("diffprune.schedule.search", "diffprune.schedule.recipes"):

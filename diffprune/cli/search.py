@@ -185,10 +185,12 @@ def run(args):
                            state_path=args.state, checkpoint_every=args.checkpoint_every,
                            checkpoint_minutes=args.checkpoint_minutes)
     if args.method == "auto":
+        from ..latency import captured_rollout_ms
         from ..schedule.auto import auto_search, write_outputs
         result = auto_search(obj, args.ratio, steps=args.steps, sampler=args.sampler, graph=graph,
                              budget=args.budget, n_samples=args.samples, guidance_scale=args.guidance_scale,
                              seed=args.seed, labels=labels, prompts=prompts, latency_ms=args.latency_ms,
+                             timer=captured_rollout_ms,
                              with_dipgo=True if args.with_dipgo else None, **options)
         result.best.schedule.meta["model"] = args.model
         if procs.is_main_process:
