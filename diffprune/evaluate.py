@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .distributed import processes
 from .errors import DiffpruneError
+from .latency import macs_summary as rollout_macs
 from .metrics import classifier, quality
 from .models import build_graph, count_params, get_adapter
 from .sampling import make_noise, rollout_length, sample
@@ -82,20 +83,19 @@ def generate_set(model, n: int, *, num_steps: int = 50, sampler: str = "ddim", g
 def macs_summary(model, *, num_steps: int, sampler: str, schedule=None, guidance_scale: float = 1.0) -> dict:
     """MACs per image for a rollout (batch 1, CFG doubling not counted, as the papers report), cascade applied:
     macs_* in torch-pruning's convention (the papers'), run_macs_* with the attention products counted (the FLOPs
-    that run, what speed follows)."""
+    that run, what speed follows). Counted by latency.macs_summary (the one count); these are eval's keys for it."""
     granularity = schedule.granularity if schedule is not None else "coarse"
     graph = build_graph(model, granularity)
     run_graph = build_graph(model, granularity, include_attention=True)
     calls = rollout_length(sampler, num_steps)
     if schedule is not None:
         schedule.check(graph, sampler=sampler if isinstance(sampler, str) else None, num_steps=num_steps)
-        total, run_total = schedule.macs(graph), schedule.macs(run_graph)
-    else:
-        total, run_total = graph.total_macs * calls, run_graph.total_macs * calls
+    m = rollout_macs(graph, schedule, calls, run_graph=run_graph)
     return {"macs_per_call_dense": graph.total_macs, "calls": calls,
-            "denoiser_calls": schedule.n_calls if schedule is not None else calls, "macs_total": int(total),
-            "macs_ratio": total / (graph.total_macs * calls), "run_macs_total": int(run_total),
-            "run_macs_ratio": run_total / (run_graph.total_macs * calls), "params": count_params(model)}
+            "denoiser_calls": schedule.n_calls if schedule is not None else calls,
+            "macs_total": int(m["schedule_macs"]), "macs_ratio": m["schedule_macs"] / m["dense_macs"],
+            "run_macs_total": int(m["schedule_run_macs"]),
+            "run_macs_ratio": m["schedule_run_macs"] / m["dense_run_macs"], "params": count_params(model)}
 
 
 def evaluate(model, *, schedule=None, reference_model=None, reference_images: torch.Tensor | None = None,
