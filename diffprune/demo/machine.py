@@ -2,7 +2,6 @@
 (other processes competing for the cores make latencies noisy; the report says so when they did)."""
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -10,11 +9,7 @@ import time
 import numpy as np
 import torch
 
-
-def load_average():
-    with contextlib.suppress(OSError, AttributeError):
-        return round(os.getloadavg()[0], 2)
-    return None
+from ..benchmark import load_average
 
 
 def environment(device: str) -> dict:
@@ -22,8 +17,8 @@ def environment(device: str) -> dict:
            "cpu_count": os.cpu_count()}
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    with contextlib.suppress(OSError, AttributeError):
-        env["load_average_start"] = round(os.getloadavg()[0], 2)
+    if (load := load_average(2)) is not None:
+        env["load_average_start"] = load
     return env
 
 
@@ -39,7 +34,7 @@ class LoadSampler:
 
     def _run(self):
         while True:
-            load = load_average()
+            load = load_average(2)
             if load is not None:
                 self.samples.append([round(time.perf_counter() - self._start, 1), load])
             if self._stop.wait(self.interval):

@@ -9,20 +9,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from ..benchmark import load_average
 from ..data.fashion_mnist import CLASSES
 from ..schedule.plot import schedule_heatmap
 from ..tables import format_table
 from ..util import json_safe
 from .html import to_html
-from .machine import load_average
 from .plots import loss_curve_png, sample_grid_png, tradeoff_png
 from .reading import plural, reading
 from .settings import DENSE_MODEL, PRUNED_MODEL
-
-if TYPE_CHECKING:
-    from .run import Stages
 
 # (key, header, format): a report.md cell is format.format(value) of the value in results.json
 TABLE_COLUMNS = [
@@ -173,8 +169,9 @@ def curve_text(curve: dict, m: dict) -> str:
 
 # ----- writing -------------------------------------------------------------------------------------------------
 
-def write_report(tmp: Path, results: dict, art: dict, *, html: bool = False, stages: Stages | None = None):
-    """Figures, report.md, results.json (and report.html) into the directory being built."""
+def write_report(tmp: Path, results: dict, art: dict, *, html: bool = False, elapsed=None):
+    """Figures, report.md, results.json (and report.html) into the directory being built; elapsed(): the run's
+    seconds so far (the report's wall time)."""
     files = {}
     variants = [v for v in results["variants"] if v["available"]]
     cols = min(results["settings"]["grid_columns"], results["settings"]["n_samples"])
@@ -208,8 +205,8 @@ def write_report(tmp: Path, results: dict, art: dict, *, html: bool = False, sta
             sched.save(sched_dir / f"{v['key']}.json")
     files["schedules"] = "schedules/"
     results["files"] = files
-    results["environment"]["load_average_end"] = load_average()
-    results["wall_seconds"] = round(stages.elapsed(), 1) if stages is not None else None
+    results["environment"]["load_average_end"] = load_average(2)
+    results["wall_seconds"] = round(elapsed(), 1) if elapsed is not None else None
     results["reading"] = reading(results)
     text = markdown(results)
     (tmp / "report.md").write_text(text)

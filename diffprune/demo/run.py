@@ -60,7 +60,7 @@ def run_demo(out, settings: DemoSettings, *, force: bool = False, html: bool = F
         results, artifacts = collect_results(settings, stages, progress)
         results.setdefault("environment", {}).update(load.summary())
         with stages("report", "writing the report"):
-            write_report(tmp, results, artifacts, html=html, stages=stages)
+            write_report(tmp, results, artifacts, html=html, elapsed=stages.elapsed)
     if progress:
         print(f"[done] {out}/report.md in {stages.elapsed():.0f} s", file=sys.stderr, flush=True)
     return results
