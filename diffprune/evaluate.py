@@ -16,13 +16,14 @@ from tqdm.auto import tqdm
 
 from .distributed import processes
 from .errors import DiffpruneError
-from .latency import macs_summary as rollout_macs
+from .latency import estimate_seconds, macs_summary as rollout_macs
 from .metrics import classifier, quality
 from .models import build_graph, count_params, get_adapter
-from .sampling import make_noise, rollout_length, sample
+from .sampling import default_guidance, make_noise, rollout_length, sample
 from .schedule import apply_schedule
 from .tables import format_table  # noqa: F401  (its old home: scripts import it from here)
-from .util import positive_int
+from .util import denoiser_of, duration, positive_int
+from .zoo import load_for_sampling
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -134,6 +135,31 @@ def evaluate(model, *, schedule=None, reference_model=None, reference_images: to
         p = quality.psnr(images, reference_images, reduction="none")
         result["psnr_to_reference"] = float(torch.nan_to_num(p, posinf=100.0).mean())
     return result, images
+
+
+def evaluate_named(name: str, *, reference: str | None = None, schedule=None, schedule_name: str | None = None,
+                   device: str, dtype: str, n_samples: int, num_steps: int, sampler: str,
+                   guidance_scale: float | None = None, seed: int = 0, batch_size: int = 250, say=None) -> dict:
+    """`diffprune eval`'s metrics of the model `name` (zoo name or directory; under `schedule` if given, against
+    `reference`'s samples if given): evaluate's, named for the table (model + schedule), with the device and the
+    number of processes the samples were split over. guidance_scale None: the model's own (default_guidance).
+    say(text): where the expected time of a CPU run is said, before it starts."""
+    model = denoiser_of(load_for_sampling(name, device, dtype))
+    ref = denoiser_of(load_for_sampling(reference, device, dtype)) if reference else None
+    if guidance_scale is None:
+        guidance_scale = default_guidance(model)
+    if device == "cpu" and say is not None:
+        rollouts = n_samples * (2 if ref is not None or schedule is not None else 1)
+        calls = rollout_length(sampler, num_steps) * -(-rollouts // min(batch_size, n_samples))
+        sec = estimate_seconds(model, calls=calls, batch=min(batch_size, n_samples), guided=guidance_scale > 1)
+        say(f"about {duration(sec)} for {rollouts} rollouts of {num_steps} steps (from timed dense calls; a schedule "
+            f"runs faster)")
+    metrics, _ = evaluate(model, schedule=schedule, reference_model=ref, num_steps=num_steps, sampler=sampler,
+                          n_samples=n_samples, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
+    metrics["name"] = name + (f" + {schedule_name}" if schedule_name else "")
+    metrics["device"] = device
+    metrics["processes"] = processes(device).num_processes  # the samples were split over them
+    return metrics
 
 
 METRIC_COLUMNS = [("name", "model", ""), ("run_macs_ratio", "FLOPs run ratio", ".3f"),

@@ -149,6 +149,14 @@ def _conditions(model, batch: int, cfg: bool):
     return cond, uncond
 
 
+def estimate_seconds(model, *, calls: int, batch: int, guided: bool) -> float:
+    """Seconds that `calls` denoiser calls at `batch` samples (doubled under guidance) should take on this
+    machine, from the median of three calls timed after two warm-up calls (the first calls run slow): said before
+    a long job starts, not after."""
+    r = time_denoiser_call(model, batch, cfg=guided, repeats=3, warmup=2)
+    return calls * r["median_ms"] / 1e3
+
+
 def captured_rollout_ms(model, schedule, *, graph, sampler: str, steps: int, guidance_scale: float) -> float:
     """Median ms of one rollout at batch 1 (CFG when guidance_scale > 1) captured as one CUDA graph: what
     `search --method auto --latency-ms` holds each candidate to (schedule.auto_search's timer)."""

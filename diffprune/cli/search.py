@@ -101,8 +101,10 @@ def run(args):
     import torch
 
     from ..errors import DiffpruneError
+    from ..sampling import default_guidance
     from ..util import atomic_write_bytes, positive_int, ratio
-    from ._common import default_guidance, load_for_sampling, resolve_device
+    from ..zoo import load_for_sampling
+    from ._common import resolve_device
 
     # every argument is checked before any work
     args.device = resolve_device(args.device)
@@ -245,7 +247,8 @@ def _say_search_time(args, obj, model):
 
     from ..sampling import rollout_length
     from ..schedule.rollouts import scheduler_for
-    from ._common import duration, estimate_seconds
+    from ..latency import estimate_seconds
+    from ..util import duration
     calls = rollout_length(scheduler_for(obj, args.sampler), args.steps) * (args.budget + 1)
     guided = args.guidance_scale > 1
     sec = estimate_seconds(model, calls=calls, batch=args.samples, guided=guided)
