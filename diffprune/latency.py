@@ -28,7 +28,7 @@ under torch.inference_mode. Results are medians with p10/p90 over the repeats. P
 torch.cuda.max_memory_allocated since the start of the measurement; on a CPU the process's peak resident set
 size (ru_maxrss, a high-water mark of the whole process that cannot be reset).
 
-Why one room of ~430 lines: the four modes share the inputs, the per-pattern dispatch and the report they are
+Why one room of ~460 lines: the four modes share the inputs, the per-pattern dispatch and the report they are
 compared in.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ Everything that generates images goes through `sample()`: evaluation, schedule s
 its adapter's `predict_noise(model, x, t, cond)`, once per step, so a hook on the denoiser sees exactly
 `rollout_length()` calls per rollout, with classifier-free guidance as one call on the doubled batch [uncond; cond].
 
-Why one room of ~440 lines: planning a rollout, running it and the pipeline ends (prompt encoding, latent
+Why one room of ~460 lines: planning a rollout, running it and the pipeline ends (prompt encoding, latent
 decoding) share the conditioning format; the loop is the one place it is assembled.
 """
 from __future__ import annotations
