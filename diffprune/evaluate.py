@@ -16,12 +16,14 @@ from tqdm.auto import tqdm
 
 from .distributed import processes
 from .errors import DiffpruneError
+from .latency import estimate_seconds, macs_summary as rollout_macs
 from .metrics import classifier, quality
 from .models import build_graph, count_params, get_adapter
-from .sampling import make_noise, rollout_length, sample
+from .sampling import default_guidance, make_noise, rollout_length, sample
 from .schedule import apply_schedule
 from .tables import format_table  # noqa: F401  (its old home: scripts import it from here)
-from .util import positive_int
+from .util import denoiser_of, duration, positive_int
+from .zoo import load_for_sampling
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -82,20 +84,19 @@ def generate_set(model, n: int, *, num_steps: int = 50, sampler: str = "ddim", g
 def macs_summary(model, *, num_steps: int, sampler: str, schedule=None, guidance_scale: float = 1.0) -> dict:
     """MACs per image for a rollout (batch 1, CFG doubling not counted, as the papers report), cascade applied:
     macs_* in torch-pruning's convention (the papers'), run_macs_* with the attention products counted (the FLOPs
-    that run, what speed follows)."""
+    that run, what speed follows). Counted by latency.macs_summary (the one count); these are eval's keys for it."""
     granularity = schedule.granularity if schedule is not None else "coarse"
     graph = build_graph(model, granularity)
     run_graph = build_graph(model, granularity, include_attention=True)
     calls = rollout_length(sampler, num_steps)
     if schedule is not None:
         schedule.check(graph, sampler=sampler if isinstance(sampler, str) else None, num_steps=num_steps)
-        total, run_total = schedule.macs(graph), schedule.macs(run_graph)
-    else:
-        total, run_total = graph.total_macs * calls, run_graph.total_macs * calls
+    m = rollout_macs(graph, schedule, calls, run_graph=run_graph)
     return {"macs_per_call_dense": graph.total_macs, "calls": calls,
-            "denoiser_calls": schedule.n_calls if schedule is not None else calls, "macs_total": int(total),
-            "macs_ratio": total / (graph.total_macs * calls), "run_macs_total": int(run_total),
-            "run_macs_ratio": run_total / (run_graph.total_macs * calls), "params": count_params(model)}
+            "denoiser_calls": schedule.n_calls if schedule is not None else calls,
+            "macs_total": int(m["schedule_macs"]), "macs_ratio": m["schedule_macs"] / m["dense_macs"],
+            "run_macs_total": int(m["schedule_run_macs"]),
+            "run_macs_ratio": m["schedule_run_macs"] / m["dense_run_macs"], "params": count_params(model)}
 
 
 def evaluate(model, *, schedule=None, reference_model=None, reference_images: torch.Tensor | None = None,
@@ -134,6 +135,31 @@ def evaluate(model, *, schedule=None, reference_model=None, reference_images: to
         p = quality.psnr(images, reference_images, reduction="none")
         result["psnr_to_reference"] = float(torch.nan_to_num(p, posinf=100.0).mean())
     return result, images
+
+
+def evaluate_named(name: str, *, reference: str | None = None, schedule=None, schedule_name: str | None = None,
+                   device: str, dtype: str, n_samples: int, num_steps: int, sampler: str,
+                   guidance_scale: float | None = None, seed: int = 0, batch_size: int = 250, say=None) -> dict:
+    """`diffprune eval`'s metrics of the model `name` (zoo name or directory; under `schedule` if given, against
+    `reference`'s samples if given): evaluate's, named for the table (model + schedule), with the device and the
+    number of processes the samples were split over. guidance_scale None: the model's own (default_guidance).
+    say(text): where the expected time of a CPU run is said, before it starts."""
+    model = denoiser_of(load_for_sampling(name, device, dtype))
+    ref = denoiser_of(load_for_sampling(reference, device, dtype)) if reference else None
+    if guidance_scale is None:
+        guidance_scale = default_guidance(model)
+    if device == "cpu" and say is not None:
+        rollouts = n_samples * (2 if ref is not None or schedule is not None else 1)
+        calls = rollout_length(sampler, num_steps) * -(-rollouts // min(batch_size, n_samples))
+        sec = estimate_seconds(model, calls=calls, batch=min(batch_size, n_samples), guided=guidance_scale > 1)
+        say(f"about {duration(sec)} for {rollouts} rollouts of {num_steps} steps (from timed dense calls; a schedule "
+            f"runs faster)")
+    metrics, _ = evaluate(model, schedule=schedule, reference_model=ref, num_steps=num_steps, sampler=sampler,
+                          n_samples=n_samples, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
+    metrics["name"] = name + (f" + {schedule_name}" if schedule_name else "")
+    metrics["device"] = device
+    metrics["processes"] = processes(device).num_processes  # the samples were split over them
+    return metrics
 
 
 METRIC_COLUMNS = [("name", "model", ""), ("run_macs_ratio", "FLOPs run ratio", ".3f"),

@@ -12,8 +12,9 @@ import torch
 from .errors import DiffpruneError
 from .evaluate import macs_summary, schedule_context
 from .metrics import quality
-from .sampling import generate, make_scheduler
+from .sampling import default_guidance, generate, make_scheduler
 from .util import denoiser_of
+from .zoo import load_for_sampling
 
 
 def evaluate_prompts(pipe, prompts, *, schedule=None, reference=None, num_steps: int = 50, sampler: str | None = None,
@@ -40,3 +41,21 @@ def evaluate_prompts(pipe, prompts, *, schedule=None, reference=None, num_steps:
         p = quality.psnr(images, ref, reduction="none", value_range=(0.0, 1.0))
         result["psnr_to_reference"] = float(torch.nan_to_num(p, posinf=100.0).mean())
     return result, images
+
+
+def evaluate_prompts_named(name: str, prompts, *, reference: str | None = None, schedule=None,
+                           schedule_name: str | None = None, device: str, dtype: str, num_steps: int = 50,
+                           sampler: str | None = None, guidance_scale: float | None = None, seed: int = 0) -> dict:
+    """`diffprune eval --prompt`'s metrics of the pipeline `name` (against `reference`'s images if given), named
+    for the table. guidance_scale None: the pipeline's own (default_guidance)."""
+    pipe = load_for_sampling(name, device, dtype)
+    if denoiser_of(pipe) is pipe:
+        raise DiffpruneError(f"--prompt needs a text-to-image pipeline; {name} is a bare denoiser")
+    ref = load_for_sampling(reference, device, dtype) if reference else None
+    if guidance_scale is None:
+        guidance_scale = default_guidance(pipe)
+    metrics, _ = evaluate_prompts(pipe, prompts, schedule=schedule, reference=ref, num_steps=num_steps,
+                                  sampler=sampler, guidance_scale=guidance_scale, seed=seed)
+    metrics["name"] = name + (f" + {schedule_name}" if schedule_name else "")
+    metrics["device"] = device
+    return metrics

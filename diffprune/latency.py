@@ -28,7 +28,7 @@ under torch.inference_mode. Results are medians with p10/p90 over the repeats. P
 torch.cuda.max_memory_allocated since the start of the measurement; on a CPU the process's peak resident set
 size (ru_maxrss, a high-water mark of the whole process that cannot be reset).
 
-Why one room of ~430 lines: the four modes share the inputs, the per-pattern dispatch and the report they are
+Why one room of ~460 lines: the four modes share the inputs, the per-pattern dispatch and the report they are
 compared in.
 """
 from __future__ import annotations
@@ -147,6 +147,21 @@ def _conditions(model, batch: int, cfg: bool):
         raise DiffpruneError(f"{adapter.family} model without conditioning: classifier-free guidance (--cfg) "
                              "does not apply to it")
     return cond, uncond
+
+
+def estimate_seconds(model, *, calls: int, batch: int, guided: bool) -> float:
+    """Seconds that `calls` denoiser calls at `batch` samples (doubled under guidance) should take on this
+    machine, from the median of three calls timed after two warm-up calls (the first calls run slow): said before
+    a long job starts, not after."""
+    r = time_denoiser_call(model, batch, cfg=guided, repeats=3, warmup=2)
+    return calls * r["median_ms"] / 1e3
+
+
+def captured_rollout_ms(model, schedule, *, graph, sampler: str, steps: int, guidance_scale: float) -> float:
+    """Median ms of one rollout at batch 1 (CFG when guidance_scale > 1) captured as one CUDA graph: what
+    `search --method auto --latency-ms` holds each candidate to (schedule.auto_search's timer)."""
+    return float(time_rollout(model, schedule, steps=steps, sampler=sampler, batch=1, cfg=guidance_scale > 1,
+                              guidance_scale=guidance_scale, mode="capture", graph=graph)["median_ms"])
 
 
 def macs_summary(graph, schedule, n_calls: int, run_graph=None) -> dict:

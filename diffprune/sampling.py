@@ -5,7 +5,7 @@ Everything that generates images goes through `sample()`: evaluation, schedule s
 its adapter's `predict_noise(model, x, t, cond)`, once per step, so a hook on the denoiser sees exactly
 `rollout_length()` calls per rollout, with classifier-free guidance as one call on the doubled batch [uncond; cond].
 
-Why one room of ~440 lines: planning a rollout, running it and the pipeline ends (prompt encoding, latent
+Why one room of ~460 lines: planning a rollout, running it and the pipeline ends (prompt encoding, latent
 decoding) share the conditioning format; the loop is the one place it is assembled.
 """
 from __future__ import annotations
@@ -31,6 +31,19 @@ _ALIASES = {"pndm": "plms"}
 # The schedule the Fashion-MNIST models are trained with (DDPM, Ho et al. 2020).
 _TRAINING_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                           prediction_type="epsilon")
+
+
+def default_guidance(obj) -> float:
+    """The guidance scale a model is meant to run at: a pipeline's own default (its __call__'s guidance_scale:
+    7.5 for Stable Diffusion), 2 for conditional denoisers (what the Fashion-MNIST models were tuned with), 1 for
+    unconditional ones."""
+    model = denoiser_of(obj)
+    if model is not obj:
+        param = inspect.signature(type(obj).__call__).parameters.get("guidance_scale")
+        if param is not None and isinstance(param.default, (int, float)):
+            return float(param.default)
+    adapter = get_adapter(model)
+    return 2.0 if adapter.conditioning == "text" or adapter.is_class_conditional(model) else 1.0
 
 
 def canonical_sampler(name: str) -> str:

@@ -41,6 +41,12 @@ MAX_JSON_DEPTH = 64
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
+def duration(seconds: float) -> str:
+    """A time for people: seconds, minutes or hours."""
+    return f"{seconds:.0f} s" if seconds < 90 else (f"{seconds / 60:.0f} min" if seconds < 5400
+                                                    else f"{seconds / 3600:.1f} h")
+
+
 def json_safe(obj):
     """obj with numpy (or torch) arrays and scalars made Python values, tuples made lists and dict keys strings:
     what json.dumps takes."""

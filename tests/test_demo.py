@@ -10,7 +10,9 @@ import pytest
 from conftest import ROOT, needs_fmnist
 from diffprune import demo
 from diffprune.cli import main
-from diffprune.demo_report import NOT_AVAILABLE, TABLE_COLUMNS, simple_markdown, to_html, unavailable_cell
+from diffprune.demo import curve as demo_curve, run as demo_run
+from diffprune.demo.html import simple_markdown, to_html
+from diffprune.demo.report import NOT_AVAILABLE, TABLE_COLUMNS, unavailable_cell
 from diffprune.errors import DiffpruneError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -120,8 +122,8 @@ def test_a_failure_leaves_no_partial_report(tmp_path, monkeypatch, error):
         (tmp / "report.md").write_text("half")
         raise error("interrupted while writing")
 
-    monkeypatch.setattr(demo, "collect_results", lambda *a, **k: ({}, {}))
-    monkeypatch.setattr(demo, "write_report", half_written)
+    monkeypatch.setattr(demo_run, "collect_results", lambda *a, **k: ({}, {}))
+    monkeypatch.setattr(demo_run, "write_report", half_written)
     with pytest.raises(error):
         demo.run_demo(tmp_path / "r", settings, progress=False)
     assert os.listdir(tmp_path) == []
@@ -162,7 +164,7 @@ def test_loss_curve_is_the_artifacts_own_when_recorded():
 def test_loss_curve_is_computed_when_the_artifact_records_none(monkeypatch):
     from diffprune.structural.timesteps import should_stop
     from diffprune.zoo import load_model
-    monkeypatch.setattr(demo, "_pruned_meta", lambda: {})
+    monkeypatch.setattr(demo_curve, "pruned_meta", lambda: {})
     s = demo.DemoSettings(curve_stride=250, curve_batch=2)
     curve = demo.timestep_curve(load_model(demo.DENSE_MODEL).eval(), s)
     assert curve["timesteps"] == [0, 250, 500, 750] and curve["source"].startswith("computed here")
@@ -185,7 +187,7 @@ def test_loss_curve_is_computed_when_the_artifact_records_none(monkeypatch):
 def test_the_reading_trusts_measured_speedups_by_the_repeats_agreement():
     # the H100 run's own results: far from the MACs speedups (0.60x-1.38x of them) yet repeats within 1%, so the
     # reading explains the gap instead of calling the timings unreliable; the same run with noisy repeats is rough
-    from diffprune.demo_report import reading
+    from diffprune.demo.reading import reading
     results = json.loads((ROOT / "bench/results/demo_cuda/results.json").read_text())
     line = next(x for x in reading(results) if x.startswith("Measured speedups"))
     assert "these gaps are real" in line and "kernels" in line and "rough" not in line

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from diffprune import demo
-from diffprune import demo_report as rep
+from diffprune.demo import plots, reading, report, stats
+from diffprune.figures import pyplot
 
 
 def variant(key, method, level, ssim, fd, speedup=2.5, **extra):
@@ -39,7 +40,7 @@ def results_with(variants, noise):
 
 
 def table_rows(results):
-    lines = rep.table(results["variants"]).splitlines()[2:]
+    lines = report.table(results["variants"]).splitlines()[2:]
     return {row[0]: row for row in ([c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines)}
 
 
@@ -47,18 +48,18 @@ def test_fewer_steps_wins_and_the_sentence_agrees_with_the_table():
     res = results_with([variant("dipgo-0.6", "dipgo", 0.6, 0.960, 4.27, name="DiP-GO 0.6"),
                         variant("steps-0.6", "steps", 0.6, 0.979, 4.61, name="DDIM 8 steps"),
                         variant("grid-0.6", "grid", 0.6, 0.950, 4.40, name="searched grid 0.6")], {})
-    d = rep.level_verdict(res, 0.6)
+    d = stats.level_verdict(res, 0.6)
     assert d["winner"]["key"] == "steps-0.6"
-    sentence = rep.winner_sentence(res, 0.6)
+    sentence = reading.winner_sentence(res, 0.6)
     assert "**fewer steps wins** with DDIM 8 steps" in sentence and "no clear winner" not in sentence
     # its evidence is the table's numbers: the runner-up by SSIM, both as the table prints them
     rows = table_rows(res)
-    col = [h for _, h, _ in rep.TABLE_COLUMNS].index("SSIM to dense")
+    col = [h for _, h, _ in report.TABLE_COLUMNS].index("SSIM to dense")
     best_in_table = max((r for r in rows.values() if r[0] != "dense (DDIM 20)"), key=lambda r: float(r[col]))
     assert best_in_table[0] == "DDIM 8 steps"
     assert f"SSIM {rows['DDIM 8 steps'][col]}" in sentence and f"SSIM {rows['DiP-GO 0.6'][col]}" in sentence
     assert "better beyond noise in SSIM and within noise in FD" in sentence
-    assert rep.winner_sentence(res, 0.6, "about 2.5x") in rep.reading(res)[1]
+    assert reading.winner_sentence(res, 0.6, "about 2.5x") in reading.reading(res)[1]
 
 
 def test_a_gap_within_noise_crowns_no_one():
@@ -66,15 +67,15 @@ def test_a_gap_within_noise_crowns_no_one():
     res = results_with([variant("dipgo-0.8", "dipgo", 0.8, 0.886, 4.75, speedup=5.0, name="DiP-GO 0.8"),
                         variant("steps-0.8", "steps", 0.8, 0.907, 5.69, speedup=5.0, name="DDIM 4 steps")],
                        {("dipgo-0.8", "steps-0.8"): (1.2, 0.012)})
-    d = rep.level_verdict(res, 0.8)
+    d = stats.level_verdict(res, 0.8)
     assert d["winner"] is None and {v["key"] for v in d["front"]} == {"dipgo-0.8", "steps-0.8"}
-    sentence = rep.winner_sentence(res, 0.8)
+    sentence = reading.winner_sentence(res, 0.8)
     assert "**no clear winner**" in sentence and "within noise of each other in both SSIM and FD" in sentence
     assert "wins" not in sentence
     # a trade-off (one better in SSIM, the other in FD, both beyond noise) is not a win either
     res = results_with([variant("a", "dipgo", 0.8, 0.95, 6.0, speedup=5.0, name="DiP-GO 0.8"),
                         variant("b", "steps", 0.8, 0.90, 4.0, speedup=5.0, name="DDIM 4 steps")], {})
-    sentence = rep.winner_sentence(res, 0.8)
+    sentence = reading.winner_sentence(res, 0.8)
     assert "**no clear winner**" in sentence and "trade off" in sentence
 
 
@@ -87,8 +88,8 @@ def test_a_capped_row_is_labelled_and_not_in_the_contest():
                          "available": False, "capped": True, "reached_ratio": 0.589, "note": "prunes at most 0.589"}],
                        {})
     # the capped row has the best numbers, but prunes less: the winner is DiP-GO, and the reading says why
-    assert rep.level_verdict(res, 0.6)["winner"]["key"] == "dipgo-0.6"
-    line = next(x for x in rep.reading(res) if x.startswith("**Ratio 0.6"))
+    assert stats.level_verdict(res, 0.6)["winner"]["key"] == "dipgo-0.6"
+    line = next(x for x in reading.reading(res) if x.startswith("**Ratio 0.6"))
     assert "**DiP-GO wins**" in line
     assert "DeepCache 0.6 (capped: 0.589) sits at its cap: it prunes only 0.589 of the MACs, not 0.6" in line
     rows = table_rows(res)
@@ -97,7 +98,7 @@ def test_a_capped_row_is_labelled_and_not_in_the_contest():
     # a DiP-GO schedule that prunes visibly less than its level (few steps) is out of the contest too
     short = variant("dipgo-0.6", "dipgo", 0.6, 0.99, 3.0, speedup=1 / (1 - 0.56), name="DiP-GO 0.6")
     res = results_with([short, variant("steps-0.6", "steps", 0.6, 0.94, 4.6, name="DDIM 8 steps")], {})
-    assert "only DDIM 8 steps reaches it" in rep.winner_sentence(res, 0.6)
+    assert "only DDIM 8 steps reaches it" in reading.winner_sentence(res, 0.6)
 
 
 def test_the_reading_says_which_learned_schedules_are_whole_step_reuse():
@@ -105,7 +106,7 @@ def test_the_reading_says_which_learned_schedules_are_whole_step_reuse():
                                 calls_full=8, calls_reused=12, calls_partial=0),
                         variant("dipgo-0.8", "dipgo", 0.8, 0.90, 4.8, speedup=5, name="DiP-GO 0.8",
                                 whole_step_reuse=False, calls_full=2, calls_reused=10, calls_partial=8)], {})
-    line = next(x for x in rep.reading(res) if "whole-step reuse" in x)
+    line = next(x for x in reading.reading(res) if "whole-step reuse" in x)
     assert "DiP-GO 0.6 (8 calls in full, 12 reused) is whole-step reuse" in line
     assert "DiP-GO 0.8 computes part of the model in 8 calls" in line
 
@@ -114,7 +115,7 @@ def test_the_auto_line_compares_its_pick_with_the_tables_winner():
     res = results_with([variant("dipgo-0.6", "dipgo", 0.6, 0.960, 4.27, name="DiP-GO 0.6"),
                         variant("steps-0.6", "steps", 0.6, 0.979, 4.61, name="DDIM 8 steps")], {})
     res["auto"] = {"0.6": {"best": "dipgo", "summary": "", "n_samples": 4, "held_out_seed": 1, "candidates": []}}
-    line = next(x for x in rep.reading(res) if x.startswith("`search --method auto`"))
+    line = next(x for x in reading.reading(res) if x.startswith("`search --method auto`"))
     assert "picked DiP-GO at 0.6 (the table's winner is fewer steps)" in line
 
 
@@ -134,10 +135,10 @@ def test_heatmap_colours_tell_computed_from_not_computed():
 
 
 def test_labels_do_not_overlap_and_outliers_do_not_stretch_the_axis():
-    plt = rep._plt()
-    lo, hi, out = rep.axis_range([1.0, 0.96, 0.886, 0.129, 0.979, 0.907, 0.895, 0.853], [0.01] * 8, True)
+    plt = pyplot()
+    lo, hi, out = plots.axis_range([1.0, 0.96, 0.886, 0.129, 0.979, 0.907, 0.895, 0.853], [0.01] * 8, True)
     assert out == [3] and 0.8 < lo < 0.85 and 1.0 < hi < 1.05
-    lo, hi, out = rep.axis_range([4.1, 4.27, 4.75, 29.5, 4.6, 5.7, 3.45], [0.8] * 7, False)
+    lo, hi, out = plots.axis_range([4.1, 4.27, 4.75, 29.5, 4.6, 5.7, 3.45], [0.8] * 7, False)
     assert out == [3] and hi < 10
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     pts = [(10, 0.95), (10.2, 0.951), (10.1, 0.949), (9.9, 0.95), (10.05, 0.952)]  # a crowd at one spot
@@ -145,7 +146,7 @@ def test_labels_do_not_overlap_and_outliers_do_not_stretch_the_axis():
     ax.set_xlim(5, 15)
     ax.set_ylim(0.9, 1.0)
     fig.canvas.draw()
-    texts = rep.place_labels(ax, pts, ["DiP-GO 2.5x", "8 steps", "grid 2.5x", "reuse 2.5x", "DeepCache"],
+    texts = plots.place_labels(ax, pts, ["DiP-GO 2.5x", "8 steps", "grid 2.5x", "reuse 2.5x", "DeepCache"],
                              ["k"] * 5)
     r = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(r) for t in texts]
@@ -157,12 +158,12 @@ def test_labels_do_not_overlap_and_outliers_do_not_stretch_the_axis():
 
 def test_the_loss_curve_axis_covers_what_its_label_says():
     curve = demo.timestep_curve(None, demo.default_settings("cpu"))  # the shipped artifact's walk: t = 0..322
-    fig = rep.loss_curve_figure(curve, "a", "b")
+    fig = plots.loss_curve_figure(curve, "a", "b")
     ax = fig.axes[0]
     assert ax.get_xlim() == (0, curve["num_train_timesteps"] - 1)
     assert f"of {curve['num_train_timesteps']}" in ax.get_xlabel()
     assert any("not walked" in t.get_text() for t in ax.get_legend().get_texts())
-    rep._plt().close(fig)
+    pyplot().close(fig)
 
 
 def test_load_is_sampled_through_the_run():

@@ -87,7 +87,7 @@ def test_sample_a_tiny_pipeline_with_prompts_from_the_cli_at_its_own_guidance(tm
 
 
 def test_default_guidance_follows_the_model():
-    from diffprune.cli._common import default_guidance
+    from diffprune.sampling import default_guidance
     from diffprune.zoo import load_model
     assert default_guidance(load_model("tiny-sd-pipe")) == 7.5
     assert default_guidance(load_model("tiny-unet")) == 2.0  # class-conditional: what fmnist models use

@@ -23,30 +23,18 @@ LAYERS = [
     ["diffprune.schedule", "diffprune.structural", "diffprune.train"],  # the methods
     ["diffprune.capture", "diffprune.zoo"],                         # whole rollouts captured; named models
     # measuring rollouts; samples to look at; a training run as the commands start it (models by zoo name)
-    ["diffprune.evaluate", "diffprune.evaluate_text", "diffprune.latency", "diffprune.gallery",
+    ["diffprune.evaluate", "diffprune.evaluate_text", "diffprune.latency", "diffprune.benchmark", "diffprune.gallery",
      "diffprune.train.run"],
-    ["diffprune.demo", "diffprune.demo_report"],
+    ["diffprune.demo"],
     ["diffprune.cli", "diffprune.__main__"],
 ]
 
 # (importer, imported): why this import may run against the layers or sit inside a function
-ALLOWED = {
-    ("diffprune.schedule.auto", "diffprune.latency"):
-        "auto's latency budget times rollouts; auto is a driver above measurement (move it out of schedule/)",
-    ("diffprune.schedule.auto", "diffprune.schedule.search"): "pending: auto.py is being reworked on another branch",
-    ("diffprune.schedule.auto", "diffprune.util"): "pending: auto.py is being reworked on another branch",
-    ("diffprune.schedule.auto", "diffprune.schedule.plot"): "pending: auto.py is being reworked on another branch",
-    ("diffprune.schedule.gridsearch", "diffprune.sampling"): "pending: gridsearch.py is reworked on another branch",
-    ("diffprune.schedule.search", "diffprune.schedule.dipgo"): "pending: search.py is reworked on another branch",
-    ("diffprune.schedule.search", "diffprune.schedule.recipes"):
-        "a real cycle: the DiP-GO recipes start from search's step-reuse search, and search dispatches to them",
-}
+ALLOWED: dict = {}  # none left; an entry needs its reason, e.g. a real cycle that cannot be broken
 # every function-level import of these modules is allowed, for the reason given
 LAZY_MODULES = {
     "diffprune.cli": "build_parser imports every command: the library (diffusers, torch-pruning) loads only when "
                      "a command runs, so `diffprune --help` stays fast",
-    "diffprune.demo": "pending: the demo is split into a demo/ package on another branch",
-    "diffprune.demo_report": "pending: the demo is split into a demo/ package on another branch",
 }
 
 

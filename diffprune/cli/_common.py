@@ -1,9 +1,7 @@
 """Arguments and loading shared by the subcommands that generate images."""
 from __future__ import annotations
 
-import torch
-
-from ..distributed import resolve_device
+from ..distributed import resolve_device  # noqa: F401 (the commands' device check, imported from here)
 from ..errors import DiffpruneError
 
 
@@ -30,37 +28,6 @@ DEVICE_HELP = "cpu, cuda (cuda:N) or auto (default auto: cuda when a GPU is visi
 def add_device_arg(p):
     """--device with the one default every command shares."""
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def load_for_sampling(name: str, device: str, dtype: str):
-    """The model (or pipeline) on the asked device and precision, in eval mode."""
-    from ..zoo import load_model
-    device = resolve_device(device)
-    obj = load_model(name, dtype=DTYPES[dtype])
-    obj = obj.to(device)
-    if isinstance(obj, torch.nn.Module):
-        obj.eval()
-    return obj
-
-
-def default_guidance(obj) -> float:
-    """The guidance scale a model is meant to run at: a pipeline's own default (its __call__'s guidance_scale:
-    7.5 for Stable Diffusion), 2 for conditional denoisers (what the Fashion-MNIST models were tuned with), 1 for
-    unconditional ones."""
-    import inspect
-
-    from ..models import get_adapter
-    from ..util import denoiser_of
-    model = denoiser_of(obj)
-    if model is not obj:
-        param = inspect.signature(type(obj).__call__).parameters.get("guidance_scale")
-        if param is not None and isinstance(param.default, (int, float)):
-            return float(param.default)
-    adapter = get_adapter(model)
-    return 2.0 if adapter.conditioning == "text" or adapter.is_class_conditional(model) else 1.0
 
 
 def claim(args, path, what: str = "--out", overwrite: bool | None = None):
@@ -102,17 +69,3 @@ def resolve_rollout(args, schedule):
     positive_int(args.steps, "--steps")
     if schedule is not None:
         schedule.check(sampler=args.sampler, num_steps=args.steps)
-
-
-def estimate_seconds(model, *, calls: int, batch: int, guided: bool) -> float:
-    """Seconds that `calls` denoiser calls at `batch` samples (doubled under guidance) should take on this
-    machine, from the median of three calls timed after two warm-up calls (the first calls run slow): said before
-    a long job starts, not after."""
-    from ..latency import time_denoiser_call
-    r = time_denoiser_call(model, batch, cfg=guided, repeats=3, warmup=2)
-    return calls * r["median_ms"] / 1e3
-
-
-def duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else (f"{seconds / 60:.0f} min" if seconds < 5400
-                                                    else f"{seconds / 3600:.1f} h")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 
@@ -50,13 +49,13 @@ def add_parser(sub):
 
 
 def run(args):
-    from tqdm.auto import tqdm
-
+    from ..benchmark import bench, check_modes, default_modes
     from ..errors import DiffpruneError
-    from .. import latency
-    from ..models import build_graph
+    from ..latency import format_table
+    from ..sampling import default_guidance
     from ..util import atomic_write_text, denoiser_of, positive_int
-    from ._common import claim, default_guidance, load_for_sampling, load_schedule, resolve_device
+    from ..zoo import load_for_sampling
+    from ._common import claim, load_schedule, resolve_device
 
     device = resolve_device(args.device)
     on_cpu = device == "cpu"
@@ -69,13 +68,7 @@ def run(args):
     if args.warmup < 0:
         raise DiffpruneError(f"--warmup must be >= 0, got {args.warmup}")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    modes = [m.strip() for m in (args.mode or ("capture,graph" if device.startswith("cuda") else "eager")).split(",")]
-    for m in modes:
-        if m not in latency.MODES:
-            raise DiffpruneError(f"unknown --mode {m!r}; choose from {', '.join(latency.MODES)}")
-    if {"graph", "capture"} & set(modes) and not device.startswith("cuda"):
-        raise DiffpruneError("--mode graph and capture record CUDA graphs, which needs --device cuda; use --mode "
-                             "eager on a CPU")
+    modes = check_modes([m.strip() for m in (args.mode or default_modes(device)).split(",")], device)
     if args.no_dense and not args.schedule:
         raise DiffpruneError("--no-dense needs --schedule (otherwise there is nothing to time)")
 
@@ -85,43 +78,17 @@ def run(args):
     steps = args.steps or (schedule.num_steps if schedule is not None else 50)
     sampler = args.sampler or (schedule.sampler if schedule is not None else "ddim")
     obj = load_for_sampling(args.model, device, dtype)
-    model = denoiser_of(obj)
-    scheduler_config = dict(obj.scheduler.config) if obj is not model else None
     if args.guidance is None:
         args.guidance = default_guidance(obj)
-    common = dict(batch=args.batch, cfg=args.cfg, height=args.height, width=args.width)
-    rollout = dict(common, steps=steps, sampler=sampler, guidance_scale=args.guidance, repeats=args.repeats,
-                   warmup=args.warmup, scheduler_config=scheduler_config)
-
-    # the unit graph (MACs, data flow, step patterns) is traced once and shared by every measurement
-    granularity = schedule.granularity if schedule is not None else "coarse"
-    graph = build_graph(model, granularity, height=args.height, width=args.width)
-    run_graph = build_graph(model, granularity, height=args.height, width=args.width, include_attention=True)
-    jobs = []  # (label, thunk), run under one progress bar
-    for mode in modes:
-        if not args.no_call and mode != "capture":
-            jobs.append((f"{mode} call", lambda mode=mode: latency.time_denoiser_call(
-                model, **common, mode=mode, repeats=args.call_repeats)))
-        runs = ([None] if not args.no_dense else []) + ([schedule] if schedule is not None else [])
-        for sched in runs:
-            jobs.append((f"{mode} rollout {'schedule' if sched is not None else 'dense'}",
-                         lambda mode=mode, sched=sched: latency.time_rollout(
-                             model, sched, **rollout, mode=mode, graph=graph, run_graph=run_graph,
-                             strict=not args.no_strict)))
-    results, loads = [], [_load()]  # load sampled through the run, not only at its ends
-    with tqdm(jobs, desc="bench", unit="run", leave=False) as bar:
-        for label, job in bar:
-            bar.set_postfix_str(label)
-            results.append(job())
-            loads.append(_load())
-    latency.add_speedups(results)
-    load = max(loads) if on_cpu and None not in loads else None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    noise = latency.timing_warnings(results, load=load, cores=cores)
-    print(f"{args.model}: {type(model).__name__}, {dtype} on {device}, batch {args.batch}"
+    out = bench(obj, schedule, device=device, modes=modes, steps=steps, sampler=sampler, batch=args.batch,
+                cfg=args.cfg, guidance_scale=args.guidance, height=args.height, width=args.width,
+                repeats=args.repeats, call_repeats=args.call_repeats, warmup=args.warmup, call=not args.no_call,
+                dense=not args.no_dense, strict=not args.no_strict)
+    results, noise = out["results"], out["warnings"]
+    print(f"{args.model}: {type(denoiser_of(obj)).__name__}, {dtype} on {device}, batch {args.batch}"
           f"{' (CFG: denoiser batch ' + str(2 * args.batch) + ')' if args.cfg else ''}, {sampler} {steps} steps"
           f"{', schedule ' + args.schedule if schedule is not None else ''}")
-    print(latency.format_table(results))
+    print(format_table(results))
     for w in noise:
         print(f"diffprune bench: warning: {w}", file=sys.stderr)
     if noise:
@@ -130,12 +97,7 @@ def run(args):
     if args.json:
         doc = {"model": args.model, "device": device, "dtype": dtype, "schedule": args.schedule,
                "steps": steps, "sampler": sampler, "results": results, "warnings": noise,
-               "load_average": loads if on_cpu else None}
+               "load_average": out["load_average"]}
         atomic_write_text(args.json, json.dumps(doc, indent=1))
         print(f"wrote {args.json}")
     return 0
-
-
-def _load():
-    """The 1-minute load average (None where the platform has none)."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None

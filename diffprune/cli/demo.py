@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def add_parser(sub):
-    from ..demo import DENSE_MODEL, PRUNED_MODEL, default_settings
+    from ..demo.settings import DENSE_MODEL, PRUNED_MODEL, default_settings
     cpu, cuda = default_settings("cpu"), default_settings("cuda")
     p = sub.add_parser(
         "demo", help=f"run dense, DiP-GO, DeepCache, fewer steps and Diff-Pruning on {DENSE_MODEL}; write a report",
@@ -42,12 +42,12 @@ def run(args):
     import signal
 
     from .. import demo
-    from ..demo_report import table
+    from ..distributed import resolve_device
 
     # a kill is handled like Ctrl-C, so the report being built is removed instead of left half-written
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
-    device = demo.resolve_device(args.device)
+    device = resolve_device(args.device)
     settings = demo.default_settings(device, quick=args.quick)
     settings.ratios = demo.parse_ratios(args.ratios)
     settings.seed = args.seed
@@ -60,7 +60,7 @@ def run(args):
         settings.iterations = args.iterations
     settings.retrain = args.retrain
     results = demo.run_demo(args.out, settings, force=args.force, html=args.html)
-    print(table(results["variants"]))
+    print(demo.table(results["variants"]))
     print(f"wrote {args.out}/report.md" + (" and report.html" if args.html else "")
           + f" ({results['wall_seconds'] / 60:.1f} min)")
     return 0

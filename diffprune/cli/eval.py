@@ -33,12 +33,10 @@ def run(args):
     import sys
 
     from ..distributed import processes
-    from ..evaluate import METRIC_COLUMNS, evaluate
+    from ..evaluate import METRIC_COLUMNS, evaluate_named
     from ..tables import format_table
-    from ..util import atomic_write_text, denoiser_of, positive_int
-    from ..sampling import rollout_length
-    from ._common import (claim, default_guidance, duration, estimate_seconds, load_for_sampling, load_schedule,
-                          resolve_device, resolve_rollout)
+    from ..util import atomic_write_text, positive_int
+    from ._common import claim, load_schedule, resolve_device, resolve_rollout
 
     args.device = resolve_device(args.device)
     if args.prompt:
@@ -55,24 +53,12 @@ def run(args):
     procs = processes(args.device)  # first: under accelerate launch it makes "cuda" this process's GPU
     if args.json and procs.is_main_process:  # only the main process writes it
         claim(args, args.json, "--json", overwrite=args.overwrite)
-    model = denoiser_of(load_for_sampling(args.model, args.device, args.dtype))
-    ref = denoiser_of(load_for_sampling(args.reference, args.device, args.dtype)) if args.reference else None
-    if args.guidance_scale is None:
-        args.guidance_scale = default_guidance(model)
-    if args.device == "cpu":
-        rollouts = args.n * (2 if ref is not None or schedule is not None else 1)
-        guided = args.guidance_scale > 1
-        calls = rollout_length(args.sampler, args.steps) * -(-rollouts // min(args.batch_size, args.n))
-        sec = estimate_seconds(model, calls=calls, batch=min(args.batch_size, args.n), guided=guided)
-        print(f"diffprune eval: about {duration(sec)} for {rollouts} rollouts of {args.steps} steps (from timed "
-              f"dense calls; a schedule runs faster)", file=sys.stderr)
-    metrics, _ = evaluate(model, schedule=schedule, reference_model=ref, num_steps=args.steps,
-                          sampler=args.sampler, n_samples=args.n, guidance_scale=args.guidance_scale,
-                          seed=args.seed, batch_size=args.batch_size)
-    metrics["name"] = args.model + (f" + {args.schedule}" if args.schedule else "")
-    metrics["device"] = args.device
-    metrics["processes"] = procs.num_processes  # the samples were split over them; the main process reports
-    if not procs.is_main_process:
+    metrics = evaluate_named(args.model, reference=args.reference, schedule=schedule, schedule_name=args.schedule,
+                             device=args.device, dtype=args.dtype, n_samples=args.n, num_steps=args.steps,
+                             sampler=args.sampler, guidance_scale=args.guidance_scale, seed=args.seed,
+                             batch_size=args.batch_size, say=lambda text: print(f"diffprune eval: {text}",
+                                                                                file=sys.stderr))
+    if not procs.is_main_process:  # the main process reports
         return 0
     print(format_table([metrics], METRIC_COLUMNS))
     if args.json:
@@ -85,25 +71,18 @@ def _run_prompts(args):
     """A text-to-image pipeline on --prompt: one image per prompt, consistency to dense (or --reference)."""
     import json
 
-    from ..errors import DiffpruneError
     from ..evaluate import METRIC_COLUMNS
+    from ..evaluate_text import evaluate_prompts_named
     from ..tables import format_table
-    from ..evaluate_text import evaluate_prompts
-    from ..util import atomic_write_text, denoiser_of, positive_int
-    from ._common import default_guidance, load_for_sampling, load_schedule, resolve_rollout
+    from ..util import atomic_write_text
+    from ._common import load_schedule, resolve_rollout
 
     schedule = load_schedule(args.schedule)
     resolve_rollout(args, schedule)
-    pipe = load_for_sampling(args.model, args.device, args.dtype)
-    if denoiser_of(pipe) is pipe:
-        raise DiffpruneError(f"--prompt needs a text-to-image pipeline; {args.model} is a bare denoiser")
-    ref = load_for_sampling(args.reference, args.device, args.dtype) if args.reference else None
-    if args.guidance_scale is None:
-        args.guidance_scale = default_guidance(pipe)
-    metrics, _ = evaluate_prompts(pipe, args.prompt, schedule=schedule, reference=ref, num_steps=args.steps,
-                                  sampler=args.sampler, guidance_scale=args.guidance_scale, seed=args.seed)
-    metrics["name"] = args.model + (f" + {args.schedule}" if args.schedule else "")
-    metrics["device"] = args.device
+    metrics = evaluate_prompts_named(args.model, args.prompt, reference=args.reference, schedule=schedule,
+                                     schedule_name=args.schedule, device=args.device, dtype=args.dtype,
+                                     num_steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
+                                     seed=args.seed)
     print(format_table([metrics], METRIC_COLUMNS))
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics, indent=1))

@@ -24,25 +24,16 @@ def add_parser(sub):
 
 
 def run(args):
-    import os
-
     from .. import zoo
-    from ..errors import DiffpruneError
-    from ..models import build_graph
-    from ..util import denoiser_of, positive_int
+    from ..util import positive_int
 
     if args.list or not args.model:
         for name in zoo.names():
             print(f"{name:14s} {zoo.describe(name)}")
         return 0
     positive_int(args.batch, "--batch")
-    if args.model in zoo.CONFIGS and not os.path.exists(args.model):
-        # shapes are all info needs: the meta device builds even FLUX's 12B parameters without memory
-        model = zoo.build(args.model, weights=False, device="meta")
-    else:
-        model = denoiser_of(zoo.load_model(args.model))
-    graph = build_graph(model, args.granularity, batch=args.batch, height=args.height, width=args.width,
-                        include_attention=args.attention_macs)
+    model, graph = zoo.unit_graph(args.model, args.granularity, batch=args.batch, height=args.height,
+                                  width=args.width, include_attention=args.attention_macs)
     if args.json:
         print(graph.to_json())
         return 0

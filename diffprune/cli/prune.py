@@ -117,7 +117,8 @@ def _announce_walk(args, model, scheduler_config):
     from ..noise import alphas_cumprod
     from ..structural.calibration import default_batch_size
     from ..structural.importance import make_importance
-    from ._common import duration, estimate_seconds
+    from ..latency import estimate_seconds
+    from ..util import duration
     scorer = make_importance(args.criterion, args.reduction, args.norm)
     if not scorer.needs_gradients:
         return

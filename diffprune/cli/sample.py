@@ -32,9 +32,10 @@ def run(args):
     from ..distributed import processes
     from ..errors import DiffpruneError
     from ..gallery import draw
+    from ..sampling import default_guidance
     from ..util import positive_int
-    from ._common import (claim, default_guidance, load_for_sampling, load_schedule, parse_classes, resolve_device,
-                          resolve_rollout)
+    from ..zoo import load_for_sampling
+    from ._common import claim, load_schedule, parse_classes, resolve_device, resolve_rollout
 
     args.device = resolve_device(args.device)
     positive_int(args.per_class, "--per-class")

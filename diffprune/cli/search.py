@@ -101,8 +101,10 @@ def run(args):
     import torch
 
     from ..errors import DiffpruneError
+    from ..sampling import default_guidance
     from ..util import atomic_write_bytes, positive_int, ratio
-    from ._common import default_guidance, load_for_sampling, resolve_device
+    from ..zoo import load_for_sampling
+    from ._common import resolve_device
 
     # every argument is checked before any work
     args.device = resolve_device(args.device)
@@ -185,10 +187,12 @@ def run(args):
                            state_path=args.state, checkpoint_every=args.checkpoint_every,
                            checkpoint_minutes=args.checkpoint_minutes)
     if args.method == "auto":
+        from ..latency import captured_rollout_ms
         from ..schedule.auto import auto_search, write_outputs
         result = auto_search(obj, args.ratio, steps=args.steps, sampler=args.sampler, graph=graph,
                              budget=args.budget, n_samples=args.samples, guidance_scale=args.guidance_scale,
                              seed=args.seed, labels=labels, prompts=prompts, latency_ms=args.latency_ms,
+                             timer=captured_rollout_ms,
                              with_dipgo=True if args.with_dipgo else None, **options)
         result.best.schedule.meta["model"] = args.model
         if procs.is_main_process:
@@ -243,7 +247,8 @@ def _say_search_time(args, obj, model):
 
     from ..sampling import rollout_length
     from ..schedule.rollouts import scheduler_for
-    from ._common import duration, estimate_seconds
+    from ..latency import estimate_seconds
+    from ..util import duration
     calls = rollout_length(scheduler_for(obj, args.sampler), args.steps) * (args.budget + 1)
     guided = args.guidance_scale > 1
     sec = estimate_seconds(model, calls=calls, batch=args.samples, guided=guided)

@@ -4,7 +4,8 @@ The searches (grid, step reuse, DiP-GO) pick their schedule on calibration sampl
 `seed`); auto scores every candidate on samples from another seed, so a search that over-fits its few calibration
 samples does not win on them. Candidates are compared at the same cost: the target pruned MACs ratio (a family that
 cannot reach it is skipped, with the reason in the table), or, with a latency budget, the measured latency of the
-whole rollout captured as one CUDA graph (latency.time_rollout(mode="capture")) at a ladder of ratios.
+whole rollout captured as one CUDA graph at a ladder of ratios. The timing is the caller's (`timer`, e.g.
+latency.captured_rollout_ms): measurement sits above the schedule methods, so auto is handed it, not importing it.
 """
 from __future__ import annotations
 
@@ -12,18 +13,23 @@ import contextlib
 import csv
 import dataclasses
 import io
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import DiffpruneError
+from ..figures import figure_png, pyplot
 from ..metrics.quality import psnr
 from ..models import UnitGraph, build_graph
-from ..util import denoiser_of
+from ..util import atomic_write_bytes, denoiser_of
+from .plot import schedule_heatmap
 from .rollouts import make_rollouts, seeded_rng
 from .runtime import apply_schedule
 from .schedule import Schedule
+from .search import search_schedule
 
 FAMILIES = ("steps", "grid", "deepcache", "step-reuse", "dipgo")
 LATENCY_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9)  # the ratios tried under a latency budget
@@ -58,7 +64,6 @@ def make_candidates(model_or_pipeline, ratios, *, graph: UnitGraph, families=FAM
                     **search_options) -> list[Candidate]:
     """One candidate per family and ratio (search_schedule with `search_options`); a family that cannot make a
     schedule at a ratio becomes a skipped candidate with the reason."""
-    from .search import search_schedule
     out = []
     for ratio in ratios:
         for family in families:
@@ -108,13 +113,16 @@ def score_candidates(model_or_pipeline, candidates, *, graph: UnitGraph, sampler
     return candidates
 
 
-def measure_latency(model, candidates, *, graph: UnitGraph, sampler: str, steps: int, guidance_scale: float):
-    from ..latency import time_rollout
+# what auto's latency budget is measured with: (model, schedule, *, graph, sampler, steps, guidance_scale) -> ms
+Timer = Callable[..., float]
+
+
+def measure_latency(model, candidates, *, timer: Timer, graph: UnitGraph, sampler: str, steps: int,
+                    guidance_scale: float):
     for cand in candidates:
         if cand.schedule is not None:
-            cand.latency_ms = float(time_rollout(model, cand.schedule, steps=steps, sampler=sampler, batch=1,
-                                           cfg=guidance_scale > 1, guidance_scale=guidance_scale, mode="capture",
-                                           graph=graph)["median_ms"])
+            cand.latency_ms = float(timer(model, cand.schedule, graph=graph, sampler=sampler, steps=steps,
+                                          guidance_scale=guidance_scale))
 
 
 def pick(candidates, latency_ms: float | None = None) -> AutoResult:
@@ -153,12 +161,13 @@ def pick(candidates, latency_ms: float | None = None) -> AutoResult:
 def auto_search(model_or_pipeline, ratio: float | None = None, *, steps: int = 50, sampler: str = "ddim",
                 graph: UnitGraph | None = None, budget: int = 32, n_samples: int = 4, guidance_scale: float = 1.0,
                 seed: int = 0, labels=None, prompts=None, conditions=None, latency_ms: float | None = None,
-                with_dipgo: bool | None = None, families=None, candidates=None, progress: bool = True,
-                **dipgo_options) -> AutoResult:
+                timer: Timer | None = None, with_dipgo: bool | None = None, families=None, candidates=None,
+                progress: bool = True, **dipgo_options) -> AutoResult:
     """The best schedule of every family at pruned MACs ratio `ratio` (or, with latency_ms, at the ratios of
     LATENCY_RATIOS, within that captured CUDA latency), scored on held-out samples (seed + 1). DiP-GO is a
     candidate when with_dipgo is True, or None and the model is on a GPU (it is slow on a CPU). candidates: a
-    list of ready Candidates to score instead of making them."""
+    list of ready Candidates to score instead of making them. timer: what measures a candidate's latency under
+    latency_ms (latency.captured_rollout_ms: the rollout captured as one CUDA graph, as `search` uses)."""
     model = denoiser_of(model_or_pipeline)
     on_gpu = next(model.parameters()).is_cuda
     if latency_ms is not None:
@@ -167,6 +176,8 @@ def auto_search(model_or_pipeline, ratio: float | None = None, *, steps: int = 5
                                  "model with --device cuda on a machine with one, or give --ratio instead")
         if not latency_ms > 0:
             raise DiffpruneError(f"--latency-ms must be positive, got {latency_ms}")
+        if timer is None:
+            raise DiffpruneError("a latency budget needs a timer: pass timer=diffprune.latency.captured_rollout_ms")
     elif ratio is None:
         raise DiffpruneError("auto needs a target --ratio or a --latency-ms budget")
     graph = graph or build_graph(model)
@@ -181,7 +192,8 @@ def auto_search(model_or_pipeline, ratio: float | None = None, *, steps: int = 5
                                      budget=budget, seed=seed, **common, **dipgo_options)
     score_candidates(model_or_pipeline, candidates, graph=graph, seed=seed + 1, progress=progress, **common)
     if latency_ms is not None:
-        measure_latency(model, candidates, graph=graph, sampler=sampler, steps=steps, guidance_scale=guidance_scale)
+        measure_latency(model, candidates, timer=timer, graph=graph, sampler=sampler, steps=steps,
+                        guidance_scale=guidance_scale)
     return pick(candidates, latency_ms)
 
 
@@ -222,12 +234,8 @@ def table_markdown(result: AutoResult) -> str:
 
 def pareto_plot(result: AutoResult) -> bytes:
     """MACs against held-out SSIM and PSNR of every scored candidate (PNG bytes)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     scored = [c for c in result.candidates if c.ssim is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "ssim", "SSIM to dense (held out)"), (axes[1], "psnr", "PSNR to dense (dB)")):
         for family in dict.fromkeys(c.family for c in scored):
             pts = [c for c in scored if c.family == family]
@@ -240,17 +248,11 @@ def pareto_plot(result: AutoResult) -> bytes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(result.summary if len(result.summary) < 110 else result.summary[:107] + "...", fontsize=8)
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, bbox_inches="tight")
 
 
 def report_paths(out) -> dict:
     """The files auto writes beside the schedule `out` (.json)."""
-    from pathlib import Path
     out = Path(out)
     stem = out.with_suffix("")
     return {"pareto": Path(f"{stem}.pareto.png"), "markdown": Path(f"{stem}.candidates.md"),
@@ -261,10 +263,6 @@ def write_outputs(result: AutoResult, out, graph: UnitGraph) -> list:
     """Write the chosen schedule (`out`, .json), its heatmap (.png), the Pareto plot and the candidate tables
     (report_paths): everything is rendered first, and a failure part-way removes what was written. Returns the
     paths written."""
-    from pathlib import Path
-
-    from ..util import atomic_write_bytes
-    from .plot import schedule_heatmap
     out = Path(out)
     paths = report_paths(out)
     blobs = [(out.with_suffix(".png"), schedule_heatmap(result.best.schedule, graph)),

@@ -18,7 +18,7 @@ from ..errors import DiffpruneError
 from ..grid import base_timesteps
 from ..models import UnitGraph
 from ..sampling import make_scheduler
-from .ratios import pruned_ratio
+from .ratios import RATIO_TOLERANCE, pruned_ratio
 from .schedule import Schedule, collapse_report, rollout_calls
 
 
@@ -110,7 +110,8 @@ def deepcache_table(graph: UnitGraph, n_calls: int, *, interval: int | None = No
     return table if interval is not None else _reached(table, graph, ratio, depth)
 
 
-def _reached(table: np.ndarray, graph: UnitGraph, ratio: float, depth: int, tolerance: float = 0.0125) -> np.ndarray:
+def _reached(table: np.ndarray, graph: UnitGraph, ratio: float, depth: int,
+             tolerance: float = RATIO_TOLERANCE) -> np.ndarray:
     """Refuse a DeepCache target beyond its reach: the shallow branch runs at every step, which caps the pruned
     ratio (a silent 'closest' schedule far below the target would be compared at the wrong MACs). Below the cap the
     closest interval is returned: intervals are discrete, so it can miss the target by a little."""

@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 
 from ..errors import DiffpruneError
 from ..grid import base_timesteps
+from ..sampling import canonical_sampler
 
 GRID_SAMPLERS = ("ddim", "dpm-solver++", "ddpm")
 
 
 def check_sampler(sampler: str):
-    from ..sampling import canonical_sampler
     if canonical_sampler(sampler) not in GRID_SAMPLERS:
         raise DiffpruneError(f"a searched grid needs a sampler that runs any timestep grid ({', '.join(GRID_SAMPLERS)}"
                              f"); {sampler} runs only its own uniform grids: use --method steps, or another sampler")

@@ -3,10 +3,9 @@ cascade: nothing live reads it, so it is not computed), reused from the cache, a
 grid, whole steps reused (the sampler steps with the previous prediction; no denoiser call) and dropped steps."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
+from ..figures import figure_png, pyplot
 from ..models import UnitGraph
 from .schedule import Schedule
 
@@ -42,9 +41,6 @@ def visit_states(schedule: Schedule, graph: UnitGraph) -> tuple[np.ndarray, list
 
 def schedule_heatmap(schedule: Schedule, graph: UnitGraph, title: str | None = None) -> bytes:
     """PNG bytes of the heatmap (render first, write atomically after: nothing half-written)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -53,6 +49,7 @@ def schedule_heatmap(schedule: Schedule, graph: UnitGraph, title: str | None = N
     label_size = 8 if n_units <= 30 else 6
     fig_w = min(24.0, max(6.0, 0.16 * n_calls + 0.07 * max(len(u) for u in schedule.units) + 1.5))
     fig_h = min(30.0, max(2.8, 0.24 * n_units + 1.6))
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
     try:
         cmap = ListedColormap([COLORS[k] for k in KINDS])
@@ -85,8 +82,6 @@ def schedule_heatmap(schedule: Schedule, graph: UnitGraph, title: str | None = N
                   loc="upper center", bbox_to_anchor=(0.5, -0.18 if n_units > 4 else -0.35), ncol=3,
                   fontsize=8, frameon=False)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", bbox_inches="tight")
-        return buf.getvalue()
+        return figure_png(fig, bbox_inches="tight")
     finally:
-        plt.close(fig)
+        plt.close(fig)  # also when drawing fails

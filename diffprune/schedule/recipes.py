@@ -31,7 +31,7 @@ from .dipgo import GATES, LOSSES, DipGo, DipGoOptions, Pruner, ScoreTable, train
 from .ratios import RATIO_TOLERANCE, table_at_ratio
 from .runtime import apply_schedule
 from .schedule import Schedule, collapse_report
-from .search import Evaluator, step_reuse_search
+from .tablesearch import Evaluator, step_reuse_search
 
 REFINED_LOSS = "trajectory"
 # without the sparsity term the consistency's gradients are ~1e-3: SGD at any sane lr barely moves a cell (measured:

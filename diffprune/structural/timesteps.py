@@ -32,16 +32,21 @@ def should_stop(loss: float, loss_max: float, threshold: float) -> bool:
     return threshold > 0 and loss < threshold * loss_max
 
 
+def stop_index(losses: Sequence[float], threshold: float) -> int | None:
+    """The walk over a loss curve visited in order: the index of the first loss that stops it, None if none does."""
+    loss_max = -math.inf
+    for k, loss in enumerate(losses):
+        loss_max = max(loss_max, float(loss))
+        if should_stop(float(loss), loss_max, threshold):
+            return k
+    return None
+
+
 def count_selected(losses: Sequence[float], threshold: float) -> int:
     """|S| for a loss curve L_0, L_1, ... visited in order: the index of the first step that stops the walk
     (or the curve's length if none does)."""
-    threshold = check_threshold(threshold)
-    loss_max = -math.inf
-    for t, loss in enumerate(losses):
-        loss_max = max(loss_max, float(loss))
-        if should_stop(float(loss), loss_max, threshold):
-            return t
-    return len(losses)
+    stop = stop_index(losses, check_threshold(threshold))
+    return len(losses) if stop is None else stop
 
 
 @dataclasses.dataclass
@@ -103,6 +108,33 @@ def accumulate_gradients(model, images: torch.Tensor, cond: dict, threshold: flo
         raise DiffpruneError("no timestep was selected; lower --threshold")
     return TimestepReport(threshold=threshold, num_train_timesteps=n_steps, selected=selected, stop_t=stop_t,
                           losses=losses)
+
+
+def loss_curve(model, images: torch.Tensor, cond: dict, timesteps: Sequence[int], *, alphas_cumprod: torch.Tensor,
+               seed: int = 0, batch_limit: int = 256) -> list[float]:
+    """L_t at each of `timesteps`, forward only: the epsilon-prediction MSE of ONE fixed batch under ONE fixed noise
+    (the same as accumulate_gradients sees), several timesteps per forward up to batch_limit samples. For drawing
+    the curve on a subset of timesteps; walk it with stop_index. cond: class_labels or nothing."""
+    adapter = get_adapter(model)
+    p = next(model.parameters())
+    acp = alphas_cumprod.to(p.device)
+    x0 = images.to(p.device, p.dtype)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)
+    labels = cond.get("class_labels")
+    per_call = max(1, batch_limit // len(x0))  # several timesteps per forward: bigger batches run faster
+    ts = list(timesteps)
+    losses = []
+    with torch.inference_mode():
+        for i in range(0, len(ts), per_call):
+            chunk = ts[i:i + per_call]
+            tt = torch.tensor(chunk, device=p.device).repeat_interleave(len(x0))
+            eps = torch.cat([noise] * len(chunk))
+            x_t = add_noise(torch.cat([x0] * len(chunk)), eps, tt, acp).to(p.dtype)
+            c = {"class_labels": torch.cat([labels] * len(chunk)).to(p.device)} if labels is not None else {}
+            pred = adapter.predict_noise(model, x_t, tt, c).float()
+            err = ((pred - eps.float()) ** 2).flatten(1).mean(1).view(len(chunk), len(x0)).mean(1)
+            losses += [float(e) for e in err]
+    return losses
 
 
 def _to(obj, device, dtype):

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import resolve_device
 from ..errors import DiffpruneError
+from ..models import UnitGraph, build_graph
 from ..structural.io import is_pruned, load_pruned
-from ..util import own_storage, read_json
+from ..util import denoiser_of, own_storage, read_json
 from .configs import CONFIGS, random_model
 from .pipelines import PIPELINES
 
@@ -91,6 +93,32 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
     except Exception as e:
         raise DiffpruneError(f"{path}: could not load the {cls_name} weights: {e}") from e
     return own_storage(model).eval()
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_for_sampling(name: str, device: str, dtype: str):
+    """The model (or pipeline) on the asked device and precision (DTYPES' names), in eval mode."""
+    device = resolve_device(device)
+    obj = load_model(name, dtype=DTYPES[dtype])
+    obj = obj.to(device)
+    if isinstance(obj, torch.nn.Module):
+        obj.eval()
+    return obj
+
+
+def unit_graph(name: str, granularity: str = "coarse", *, batch: int = 1, height: int | None = None,
+               width: int | None = None, include_attention: bool = False) -> tuple[torch.nn.Module, UnitGraph]:
+    """(denoiser, its unit graph) of a zoo name or model directory, as `diffprune info` shows it. A zoo config is
+    built on the meta device: shapes are all a graph needs, and that builds even FLUX's 12B parameters without
+    memory."""
+    if name in CONFIGS and not os.path.exists(name):
+        model = build(name, weights=False, device="meta")
+    else:
+        model = denoiser_of(load_model(name))
+    return model, build_graph(model, granularity, batch=batch, height=height, width=width,
+                              include_attention=include_attention)
 
 
 def _dtype_kwarg(dtype) -> dict:
