@@ -187,3 +187,13 @@ def test_cli_refuses_bad_input_and_writes_nothing(tmp_path, name, args, match):
     res = run_cli("prune", name, *args, "--criterion", "magnitude", "--out", bad, "--quiet")
     assert res.returncode == 2 and match in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert not bad.exists()
+
+
+def test_the_meta_device_gives_the_architecture_any_criterion_gives():
+    """What --device meta in bench/flux_sd3_structural.py relies on: how many heads and MLP units go depends on the
+    ratio, not on the scores, so an architecture built without weights counts the MACs magnitude's would."""
+    for name in ("tiny-flux", "tiny-sd3"):
+        real, r = prune(zoo.build(name), 0.3, "magnitude", widths="gpu", progress=False)
+        meta, m = prune(zoo.build(name, weights=False, device="meta"), 0.3, "random", widths="gpu", progress=False)
+        assert (m["macs_after"], m["params_after"]) == (r["macs_after"], r["params_after"])
+        assert [p.shape for p in meta.parameters()] == [p.shape for p in real.parameters()]
