@@ -197,3 +197,20 @@ def test_the_meta_device_gives_the_architecture_any_criterion_gives():
         meta, m = prune(zoo.build(name, weights=False, device="meta"), 0.3, "random", widths="gpu", progress=False)
         assert (m["macs_after"], m["params_after"]) == (r["macs_after"], r["params_after"])
         assert [p.shape for p in meta.parameters()] == [p.shape for p in real.parameters()]
+
+
+def test_cli_diff_pruning_of_an_sd3_pipeline_walks_its_flow_schedule(tmp_path):
+    """A local pipeline directory: the walk's noise levels come from its scheduler config (here 6 training steps,
+    shift 3), the loss is the rectified flow's; OUT holds the pruned transformer."""
+    from diffprune.zoo.pipelines import save_tiny_pipeline
+    pipe = save_tiny_pipeline("sd3", tmp_path / "pipe")
+    cfg_path = pipe / "scheduler" / "scheduler_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "num_train_timesteps": 6}))
+    out = tmp_path / "out"
+    res = run_cli("prune", pipe, "--ratio", "0.3", "--threshold", "0", "--batch", "1", "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "accumulates gradients over all 6 timesteps (batch 1" in res.stderr  # the flow sigmas' count
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["criterion"] == "diff-pruning" and report["timesteps"]["num_train_timesteps"] == 6
+    assert report["timesteps"]["selected"] == 6 and report["calibration"]["batch"] == 1
+    assert report["heads"] == "whole" and count_params(zoo.load_model(out)) == report["params_after"]

@@ -42,7 +42,8 @@ def add_parser(sub):
                    help="per-channel reduction over coupled layers: paper (sum of (w*g)^2, GroupNorm terms, "
                         "plain sum; default) or port (sum |w*g|, mean over layers, divided by the mean)")
     p.add_argument("--heads", default="dims", choices=HEAD_MODES,
-                   help="multi-head attention: shrink every head's dim alike (default) or remove whole heads")
+                   help="multi-head attention: shrink every head's dim alike (default) or remove whole heads (FLUX and "
+                        "SD3 always lose whole heads)")
     p.add_argument("--width-multiple", type=int, default=1, metavar="N",
                    help="round every width pruning keeps (each head's dim, MLP hidden units, channels without "
                         "GroupNorm) to a multiple of N instead of --widths; a layer narrower than N is refused")
@@ -114,14 +115,16 @@ def run(args):
 def _announce_walk(args, model, scheduler_config):
     """Say how far the gradient criteria's timestep walk can go, and what it may cost here, before it starts."""
     from .. import zoo
-    from ..noise import alphas_cumprod
+    from ..models import get_adapter
+    from ..noise import alphas_cumprod, flow_sigmas
     from ..structural.calibration import default_batch_size
     from ..structural.importance import make_importance
     from ._common import duration, estimate_seconds
     scorer = make_importance(args.criterion, args.reduction, args.norm)
     if not scorer.needs_gradients:
         return
-    n = len(alphas_cumprod(model, scheduler_config))
+    flow = get_adapter(model).prediction == "flow"  # FLUX, SD3: the rectified-flow sigmas
+    n = len(flow_sigmas(scheduler_config) if flow else alphas_cumprod(model, scheduler_config))
     batch = args.batch or default_batch_size(model)
     walk = (f"from t=0 until L_t < {args.threshold:g} x its running max, at most {n} timesteps"
             if scorer.walks_to_threshold and args.threshold > 0 else f"over all {n} timesteps")

@@ -352,8 +352,9 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
             unit_scores = depth.static_scores(model, units, criterion, norm, seed)
         if mode != "depth" and adapter.family in mmdit.FAMILIES:  # torch-pruning cannot trace these blocks
             if heads != "whole":
-                _tell(notes, f"{adapter.family} attention loses whole heads (FLUX's RoPE and the per-head q/k "
-                             f"norms are sized by the head dim)", progress)
+                why = "RoPE and the per-head q/k norms" if adapter.family == "flux" else "per-head q/k norms (SD3.5)"
+                _tell(notes, f"{adapter.family} attention loses whole heads of both streams (the head dim stays: "
+                             f"{why} are sized by it)", progress)
                 report["heads"] = "whole"
             dg, (plans, hand) = None, _plan_hand(model, ratio, scorer, rule, shape)
         elif mode != "depth":
