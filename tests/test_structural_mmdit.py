@@ -214,3 +214,28 @@ def test_cli_diff_pruning_of_an_sd3_pipeline_walks_its_flow_schedule(tmp_path):
     assert report["criterion"] == "diff-pruning" and report["timesteps"]["num_train_timesteps"] == 6
     assert report["timesteps"]["selected"] == 6 and report["calibration"]["batch"] == 1
     assert report["heads"] == "whole" and count_params(zoo.load_model(out)) == report["params_after"]
+
+
+def test_hand_groups_are_torch_prunings_groups_where_it_can_trace_them():
+    """torch-pruning traces SD3's blocks (not FLUX's): there its groups hold exactly the layers mmdit.py names, and
+    the same criterion scores them identically."""
+    import torch_pruning as tp
+
+    from diffprune.structural.importance import make_importance
+    from diffprune.structural.prune import _ModelIndex, _classify, _protected, _trace
+    model = zoo.build("tiny-sd3")
+    adapter, index = get_adapter(model), _ModelIndex(model)
+    hand = {m.name: g for g in mmdit.hand_groups(model) for m in g.members if m.out}
+    scorer, seen = make_importance("magnitude"), set()
+    for group in _trace(model, adapter).get_all_groups(ignored_layers=_protected(model, adapter),
+                                                       root_module_types=(tp.ops.TORCH_LINEAR,)):
+        root = _classify(group, index).root
+        if root not in hand:
+            continue
+        g = hand[root]
+        layers = {(index.names[id(it.dep.target.module)], it.dep.handler.__name__ == "prune_out_channels")
+                  for it in group if isinstance(it.dep.target.module, torch.nn.Linear)}
+        assert layers == {(m.name, m.out) for m in g.members}
+        assert torch.equal(scorer(group), scorer.score_layers(g.channels, mmdit.score_items(g)))
+        seen.add(g.root)
+    assert seen == {g.root for g in mmdit.hand_groups(model)}  # every hand group, 3 attentions and 5 MLPs

@@ -1,6 +1,8 @@
-"""Width groups of FLUX and SD3 (MMDiT) blocks, written down by hand: torch-pruning 1.6 cannot trace their
-attention (FLUX's processor unflattens by a fixed head_dim, normalises q/k per head with RMSNorm, concatenates the
+"""Width groups of FLUX and SD3 (MMDiT) blocks, written down by hand: torch-pruning 1.6 cannot trace FLUX's
+attention (its processor unflattens by a fixed head_dim, normalises q/k per head with RMSNorm, concatenates the
 text and image streams along the sequence and applies RoPE; the index mapping of that chain fails in its graph).
+It does trace SD3's blocks, and there its groups hold exactly the layers named here and score identically (a test
+checks it), so one written-down structure serves both families; torch-pruning's layer pruners do the cutting.
 
 Per block, what may lose channels, and every layer those channels touch:
 - attention heads, WHOLE heads only: the q/k/v rows of the image stream AND of the context stream (add_q/k/v_proj:
