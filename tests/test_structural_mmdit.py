@@ -239,3 +239,17 @@ def test_hand_groups_are_torch_prunings_groups_where_it_can_trace_them():
         assert torch.equal(scorer(group), scorer.score_layers(g.channels, mmdit.score_items(g)))
         seen.add(g.root)
     assert seen == {g.root for g in mmdit.hand_groups(model)}  # every hand group, 3 attentions and 5 MLPs
+
+
+def _available_gib() -> float:
+    from pathlib import Path
+    line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+    return int(line.split()[1]) / 2 ** 20
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/meminfo") or _available_gib() > 50,
+                    reason="this machine could build FLUX.1-dev in float32 (44 GiB): the refusal would not happen")
+def test_cli_refuses_flux_dev_where_it_cannot_fit_and_says_what_to_run(tmp_path):
+    res = run_cli("prune", "flux-dev", "--ratio", "0.3", "--criterion", "magnitude", "--out", tmp_path / "f")
+    assert res.returncode == 2 and "needs about 44 GiB" in res.stderr and "--device meta" in res.stderr, res.stderr
+    assert not (tmp_path / "f").exists()

@@ -93,6 +93,7 @@ def run(args):
     out = claim(args, args.out, "--out", overwrite=args.overwrite)
     args.device = resolve_device(args.device)
 
+    _check_memory(args.model)
     obj = zoo.load_model(args.model)
     model = denoiser_of(obj)
     scheduler_config = dict(obj.scheduler.config) if model is not obj else None
@@ -110,6 +111,27 @@ def run(args):
         scheduler_config=scheduler_config, progress=not args.quiet)
     _summary(report, out, told=not args.quiet)
     return 0
+
+
+def _check_memory(name: str):
+    """A zoo architecture with random weights is built here in float32: refuse one that cannot fit this machine's
+    memory (FLUX.1-dev: 12B parameters, 48 GB) instead of letting the kernel kill the run without a word."""
+    from .. import zoo
+    from ..errors import DiffpruneError
+    from ..models import count_params
+    if name not in zoo.CONFIGS or (zoo.CHECKPOINTS / name / "config.json").exists():
+        return
+    try:
+        avail = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return  # not Linux: no estimate
+    need = 4 * count_params(zoo.build(name, weights=False, device="meta"))
+    if need > 0.8 * avail:
+        raise DiffpruneError(f"{name} needs about {need / 2 ** 30:.0f} GiB to build in float32 and this machine has "
+                             f"{avail / 2 ** 30:.0f} GiB available: prune it on a larger machine, or count its pruned "
+                             f"architectures without weights: python3 bench/flux_sd3_structural.py --device meta "
+                             f"--models {name}")
 
 
 def _announce_walk(args, model, scheduler_config):
