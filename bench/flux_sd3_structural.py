@@ -20,7 +20,6 @@ Writes OUT/flux_sd3_structural/<stem>.json and .md after every measurement (OUT:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
