@@ -253,3 +253,27 @@ def test_cli_refuses_flux_dev_where_it_cannot_fit_and_says_what_to_run(tmp_path)
     res = run_cli("prune", "flux-dev", "--ratio", "0.3", "--criterion", "magnitude", "--out", tmp_path / "f")
     assert res.returncode == 2 and "needs about 44 GiB" in res.stderr and "--device meta" in res.stderr, res.stderr
     assert not (tmp_path / "f").exists()
+
+
+def test_sd35_dual_attention_and_qk_norms_prune_and_reload(tmp_path):
+    """SD3.5's blocks: a second, image-only attention (attn2) and per-head q/k RMSNorms; pruned by width, saved,
+    reloaded and pruned again by depth."""
+    import diffusers
+
+    from diffprune.zoo.configs import CONFIGS
+    torch.manual_seed(0)
+    model = diffusers.SD3Transformer2DModel(**{**CONFIGS["tiny-sd3"]["config"], "dual_attention_layers": (0, 1),
+                                               "qk_norm": "rms_norm"}).eval()
+    model, r = prune(model, 0.3, "magnitude", progress=False)
+    assert {g["root"] for g in r["groups"]} >= {"transformer_blocks.0.attn2.to_q", "transformer_blocks.1.attn2.to_q"}
+    attn2 = model.transformer_blocks[0].attn2
+    assert (attn2.heads, attn2.to_q.out_features, attn2.norm_q.weight.shape[0]) == (2, 16, 8)  # head dim 8 stays
+    assert build_graph(model).total_macs == r["macs_after"]
+    save_pruned(model, tmp_path / "w")
+    again = load_pruned(tmp_path / "w")
+    x, t, cond = _inputs(model)
+    assert torch.equal(_run(again, x, t, cond), _run(model, x, t, cond))
+    deeper, d = prune(again, 0.34, "magnitude", mode="depth", progress=False)
+    save_pruned(deeper, tmp_path / "wd")
+    assert torch.equal(_run(load_pruned(tmp_path / "wd"), x, t, cond), _run(deeper, x, t, cond))
+    assert d["macs_after"] < r["macs_after"]
