@@ -18,9 +18,11 @@ widths) to a multiple: GPU matrix kernels slow down on odd widths (an H100 ran D
 final output conv never loses outputs; model inputs (image channels, text-encoder width of cross-attention
 keys/values) are never pruned, because nothing upstream of them is prunable. DiT prunes attention heads/head_dim,
 MLP hidden width and the time-embedding MLP hidden width only: its residual stream is tied to fixed position
-embeddings and adaLN chunks.
+embeddings and adaLN chunks. FLUX and SD3 lose whole attention heads (the image and text streams of a block
+together) and MLP hidden units, from groups written down in mmdit.py (torch-pruning cannot trace FLUX), scored and
+chosen here like the traced ones.
 
-Why one room of ~530 lines: prune() and the width plan (group classes, rules, rounding) share GroupPlan and
+Why one room of ~560 lines: prune() and the width plan (group classes, rules, rounding) share GroupPlan and
 WidthShape; the next cut is the plan (GroupPlan, WidthShape, choose_*) into a module of its own.
 """
 from __future__ import annotations
@@ -521,7 +523,8 @@ def _plan_hand(model, ratio, scorer: Importance, rule, shape) -> tuple[list[Grou
                          paired=False, attention=[g.attention] if g.attention else [])
         scores = scorer.score_layers(g.channels, mmdit.score_items(g))
         if g.kind == "attention":
-            shape.fit(g.channels // g.heads, shape.heads, plan)  # refuses a multiple larger than the head dim
+            if shape.strict:  # the head dim is never rounded; an explicit multiple larger than it is refused
+                shape.fit(g.channels // g.heads, shape.heads, plan)
             plan.remove, plan.heads_removed = choose_heads(scores, ratio, g.heads)
         else:
             m = shape.fit(g.channels, shape.channels, plan)
