@@ -66,12 +66,12 @@ def macs_both(model) -> dict:
     return {"macs": sum(per.values()), "macs_tp": sum(v for k, v in per.items() if k in leaves)}
 
 
-def prune_width(dense, target: float, dense_macs: int, search: int, widths: str):
+def prune_width(dense, target: float, dense_macs: int, search: int, widths: str, criterion: str = "magnitude"):
     """Width-prune a copy of `dense` so that about `target` of its FLOPs that run remain. Model of the kept share:
-    c + (1 - c) (1 - r)^a, with a = 2 for UNets (convolutions lose inputs and outputs) and 1 for DiT (only the
-    hidden side of each layer shrinks), c the share that does not shrink (a first guess from SD-1.5: 0.25; DiT:
-    0), refitted after each prune."""
-    a = 1 if get_adapter(dense).family == "dit" else 2
+    c + (1 - c) (1 - r)^a, with a = 2 for UNets (convolutions lose inputs and outputs) and 1 for the transformers
+    (only the hidden side of each layer shrinks), c the share that does not shrink (a first guess from SD-1.5: 0.25;
+    transformers: 0), refitted after each prune. criterion: magnitude (random on the meta device: no weights)."""
+    a = 1 if get_adapter(dense).family in ("dit", "flux", "sd3") else 2
     c = 0.0 if a == 1 else 0.25
 
     def ratio_for(c):
@@ -80,7 +80,7 @@ def prune_width(dense, target: float, dense_macs: int, search: int, widths: str)
     r = ratio_for(c)
     tries = []
     for step in range(search):
-        model, report = prune(copy.deepcopy(dense), r, "magnitude", widths=widths, progress=False)
+        model, report = prune(copy.deepcopy(dense), r, criterion, widths=widths, progress=False)
         kept = macs_both(model)["macs"] / dense_macs
         tries.append((abs(kept - target), r, model, report))
         q = (1 - r) ** a

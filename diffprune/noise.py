@@ -29,3 +29,17 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, acp: torch.T
     """x_t = sqrt(acp[t]) * x0 + sqrt(1 - acp[t]) * eps, t one timestep per sample (acp on x0's device)."""
     a = acp[t].view(-1, *([1] * (x0.ndim - 1)))
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def flow_sigmas(scheduler_config: dict | None = None) -> torch.Tensor:
+    """Training noise levels of a rectified-flow model (FLUX, SD3), clean end first: sigma_t for t = 0..N-1, the
+    flow-euler scheduler's own grid s = (t+1)/N, shifted as its config says (SD3's static shift 3 without a config;
+    a config with dynamic shifting, FLUX's, leaves s unshifted: its shift depends on the image size)."""
+    return make_scheduler("flow-euler", scheduler_config).sigmas.to(torch.float32).flip(0).clone()
+
+
+def add_flow_noise(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - sigma) x0 + sigma eps, one sigma per sample: the rectified-flow path, whose velocity target is
+    eps - x0."""
+    s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - s) * x0 + s * eps

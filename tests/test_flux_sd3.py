@@ -225,13 +225,6 @@ def test_flux_schedules_skip_blocks(flux_pipe, method):
             assert not torch.equal(generate(flux_pipe, "a cat", grid=s.grid, **gen), dense_loop)
 
 
-def test_structural_pruning_says_it_does_not_cover_flux_or_sd3():
-    from diffprune import prune
-    for name in ("tiny-flux", "tiny-sd3"):
-        with pytest.raises(DiffpruneError, match="is not supported yet"):
-            prune(zoo.build(name), 0.3, criterion="magnitude", progress=False)
-
-
 def test_saved_pipelines_load_from_a_directory(tmp_path):
     import diffusers
     for kind, cls in (("flux", diffusers.FluxPipeline), ("sd3", diffusers.StableDiffusion3Pipeline)):

@@ -44,3 +44,32 @@ def test_prune_to_macs_picks_the_unit_count_nearest_the_target(tmp_path):
     assert len(report["depth"]["removed"]) == best
     assert report["macs_after"] / d == kept[best]
     assert count_params(zoo.load_model(out)) == report["params_after"]
+
+
+def _flux_sd3_bench(tmp_path, *args):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "flux_sd3_structural.py"),
+                          "--models", "tiny-flux,tiny-sd3", "--depth-targets", "0.7", "--stem", "smoke", *args],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((tmp_path / "flux_sd3_structural" / "smoke.json").read_text())
+    assert [(r["model"], r["variant"]) for r in rows] == [(m, v) for m in ("tiny-flux", "tiny-sd3")
+                                                          for v in ("dense", "width", "depth")]
+    for m in ("tiny-flux", "tiny-sd3"):
+        dense, width, depth = (r for r in rows if r["model"] == m)
+        assert width["macs"] < dense["macs"] and depth["macs"] < dense["macs"] and len(depth["removed"]) == 1
+    assert "| tiny-sd3 | width |" in (tmp_path / "flux_sd3_structural" / "smoke.md").read_text()
+    return rows
+
+
+def test_flux_sd3_structural_counts_pruned_architectures_on_the_meta_device(tmp_path):
+    rows = _flux_sd3_bench(tmp_path, "--device", "meta")
+    assert all(r["ms"] == {} and r["device"] == "meta" for r in rows)
+
+
+@pytest.mark.slow  # ~1 min of CPU timings
+def test_flux_sd3_structural_cpu_smoke_times_every_variant(tmp_path):
+    rows = _flux_sd3_bench(tmp_path, "--device", "cpu", "--repeats", "1", "--search", "1")
+    assert all(set(r["ms"]) == {"eager_b1", "eager_b4"} for r in rows)
+    flux, sd3 = rows[0], rows[3]
+    assert flux["denoiser_batch"] == {"b1": 1, "b4": 4} and sd3["denoiser_batch"] == {"b1": 2, "b4": 8}  # CFG

@@ -42,7 +42,8 @@ def add_parser(sub):
                    help="per-channel reduction over coupled layers: paper (sum of (w*g)^2, GroupNorm terms, "
                         "plain sum; default) or port (sum |w*g|, mean over layers, divided by the mean)")
     p.add_argument("--heads", default="dims", choices=HEAD_MODES,
-                   help="multi-head attention: shrink every head's dim alike (default) or remove whole heads")
+                   help="multi-head attention: shrink every head's dim alike (default) or remove whole heads (FLUX and "
+                        "SD3 always lose whole heads)")
     p.add_argument("--width-multiple", type=int, default=1, metavar="N",
                    help="round every width pruning keeps (each head's dim, MLP hidden units, channels without "
                         "GroupNorm) to a multiple of N instead of --widths; a layer narrower than N is refused")
@@ -92,6 +93,7 @@ def run(args):
     out = claim(args, args.out, "--out", overwrite=args.overwrite)
     args.device = resolve_device(args.device)
 
+    _check_memory(args.model)
     obj = zoo.load_model(args.model)
     model = denoiser_of(obj)
     scheduler_config = dict(obj.scheduler.config) if model is not obj else None
@@ -111,10 +113,32 @@ def run(args):
     return 0
 
 
+def _check_memory(name: str):
+    """A zoo architecture with random weights is built here in float32: refuse one that cannot fit this machine's
+    memory (FLUX.1-dev: 12B parameters, 48 GB) instead of letting the kernel kill the run without a word."""
+    from .. import zoo
+    from ..errors import DiffpruneError
+    from ..models import count_params
+    if name not in zoo.CONFIGS or (zoo.CHECKPOINTS / name / "config.json").exists():
+        return
+    try:
+        avail = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return  # not Linux: no estimate
+    need = 4 * count_params(zoo.build(name, weights=False, device="meta"))
+    if need > 0.8 * avail:
+        raise DiffpruneError(f"{name} needs about {need / 2 ** 30:.0f} GiB to build in float32 and this machine has "
+                             f"{avail / 2 ** 30:.0f} GiB available: prune it on a larger machine, or count its pruned "
+                             f"architectures without weights: python3 bench/flux_sd3_structural.py --device meta "
+                             f"--models {name}")
+
+
 def _announce_walk(args, model, scheduler_config):
     """Say how far the gradient criteria's timestep walk can go, and what it may cost here, before it starts."""
     from .. import zoo
-    from ..noise import alphas_cumprod
+    from ..models import get_adapter
+    from ..noise import alphas_cumprod, flow_sigmas
     from ..structural.calibration import default_batch_size
     from ..structural.importance import make_importance
     from ..latency import estimate_seconds
@@ -122,7 +146,8 @@ def _announce_walk(args, model, scheduler_config):
     scorer = make_importance(args.criterion, args.reduction, args.norm)
     if not scorer.needs_gradients:
         return
-    n = len(alphas_cumprod(model, scheduler_config))
+    flow = get_adapter(model).prediction == "flow"  # FLUX, SD3: the rectified-flow sigmas
+    n = len(flow_sigmas(scheduler_config) if flow else alphas_cumprod(model, scheduler_config))
     batch = args.batch or default_batch_size(model)
     walk = (f"from t=0 until L_t < {args.threshold:g} x its running max, at most {n} timesteps"
             if scorer.walks_to_threshold and args.threshold > 0 else f"over all {n} timesteps")

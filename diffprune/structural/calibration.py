@@ -37,7 +37,7 @@ def is_fmnist_shaped(model) -> bool:
 def default_batch_size(model) -> int:
     """The paper's calibration sizes: 128 images at 32x32, 64 at 64x64, a few for large latent models."""
     adapter = get_adapter(model)
-    if adapter.family == "unet2d-condition":
+    if adapter.conditioning == "text":  # latent text models (SD, FLUX, SD3): a few, whatever the latent size
         return 4
     _, h, w = adapter.sample_shape(model)
     return 128 if h * w <= 32 * 32 else 64 if h * w <= 64 * 64 else 4

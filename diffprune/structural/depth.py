@@ -7,7 +7,11 @@ module: identity for residual units; an up-block resnet also drops the skip conn
 the first `channels` channels of its input, the hidden path), so the UNet's skip bookkeeping stays valid without
 rebuilding the block. A unit whose output width differs from its hidden input width (a resnet that changes
 channels) cannot become an identity and is kept. DiT's first block is kept too: its adaLN embedding conditions the
-final layer.
+final layer. FLUX's double- and single-stream blocks and SD3's joint blocks take and return both streams
+(encoder_hidden_states, hidden_states): a removed one returns both as they came, and each stack (FLUX: double,
+single) is a level of its own, so a ratio may not empty either. SD3's last, context-pre-only block may go: it
+returns no context (None) because nothing reads the context after it, so passing the context on instead is
+equally unread; the block before it then computes a context MLP whose output is unused (its MACs still count).
 
 Importance of a unit u, the first-order estimate of removing it: removal replaces its output y with its input x,
 so dL ~ <dL/dy, x - y>. Diff-Pruning sums that over the informative timesteps (the same walk as the width
@@ -27,26 +31,38 @@ from ..errors import DiffpruneError
 from ..models import get_adapter
 
 DEPTH_CRITERIA = ("diff-pruning", "taylor", "magnitude", "random")
-DEPTH_FAMILIES = ("unet2d", "unet2d-condition", "dit")
+DEPTH_FAMILIES = ("unet2d", "unet2d-condition", "dit", "flux", "sd3")
 # classes a removed unit's module may have in the base model (checked when a pruned model is loaded)
 REMOVABLE_CLASSES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "BasicTransformerBlock",
-                     "UNetMidBlock2D", "UNetMidBlock2DCrossAttn")
+                     "UNetMidBlock2D", "UNetMidBlock2DCrossAttn", "FluxTransformerBlock", "FluxSingleTransformerBlock",
+                     "JointTransformerBlock")
+# blocks called with both streams that return (encoder_hidden_states, hidden_states)
+JOINT_CLASSES = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock")
 
 
 class Skipped(nn.Module):
     """What a removed unit's module becomes: its input passes through (the first `channels` channels where the
-    unit concatenated a skip connection onto its input), as a tuple where the caller asked for return_dict=False."""
+    unit concatenated a skip connection onto its input), as a tuple where the caller asked for return_dict=False;
+    a joint block (joint=True) returns (encoder_hidden_states, hidden_states) as they came."""
 
-    def __init__(self, channels: int | None = None):
+    def __init__(self, channels: int | None = None, joint: bool = False):
         super().__init__()
         self.channels = channels
+        self.joint = joint
 
     def forward(self, hidden_states, *args, **kwargs):
+        if self.joint:
+            return kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[0], hidden_states
         out = hidden_states if self.channels is None else hidden_states[:, :self.channels]
         return (out,) if kwargs.get("return_dict", True) is False else out
 
     def extra_repr(self) -> str:
-        return "" if self.channels is None else f"channels={self.channels}"
+        return "joint" if self.joint else "" if self.channels is None else f"channels={self.channels}"
+
+
+def skipped_for(module: nn.Module, channels: int | None = None) -> Skipped:
+    """The Skipped that stands in for `module` (the class decides whether it passes one stream or two)."""
+    return Skipped(channels, joint=_cls(module) in JOINT_CLASSES)
 
 
 @dataclasses.dataclass
@@ -90,7 +106,7 @@ def depth_units(model) -> list[DepthUnit]:
     for i, name in enumerate(adapter.unit_names(model, "coarse")):
         block = model.get_submodule(name)
         keep = i == 0 and adapter.family == "dit"
-        units.append(DepthUnit(name=name, modules=[name], level="transformer_blocks",
+        units.append(DepthUnit(name=name, modules=[name], level=name.rpartition(".")[0],
                                removable=not keep and not isinstance(block, Skipped),
                                why="its adaLN embedding conditions the final layer" if keep else ""))
     return units
@@ -180,23 +196,24 @@ def record_unit_scores(model, units: list[DepthUnit]):
     timestep walk's per-step backward sums it over the selected steps, exactly like the weight gradients)."""
     acc = {u.name: torch.zeros((), dtype=torch.float64) for u in units if u.removable}
     inputs, handles = {}, []
+    joint = {u.name for u in units if _cls(model.get_submodule(u.modules[0])) in JOINT_CLASSES}
 
     def pre(u):
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            inputs[u.name] = x if u.channels is None else x[:, :u.channels]
+            if u.name in joint:  # both streams, in the order the block returns them
+                inputs[u.name] = (kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs
+                                  else args[1], x)
+            else:
+                inputs[u.name] = (x if u.channels is None else x[:, :u.channels],)
         return hook
 
     def post(u):
         def hook(mod, args, out):
-            y = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
-            if not (torch.is_tensor(y) and y.requires_grad):
-                return
-            delta = (inputs.pop(u.name) - y).detach()
-
-            def grad_hook(g):
-                acc[u.name] += (g.double() * delta.double()).sum().cpu()
-            y.register_hook(grad_hook)
+            ys = out[:2] if u.name in joint else (out[0] if isinstance(out, tuple) else getattr(out, "sample", out),)
+            for x, y in zip(inputs.pop(u.name), ys):  # y None: SD3's last block returns no context
+                if torch.is_tensor(y) and y.requires_grad:
+                    y.register_hook(_accumulate(acc, u.name, (x - y).detach()))
         return hook
 
     try:
@@ -210,6 +227,12 @@ def record_unit_scores(model, units: list[DepthUnit]):
         for h in handles:
             h.remove()
         inputs.clear()
+
+
+def _accumulate(acc: dict, name: str, delta: torch.Tensor):
+    def grad_hook(g):  # returns None: the gradient itself is left as it is
+        acc[name] += (g.double() * delta.double()).sum().cpu()
+    return grad_hook
 
 
 def static_scores(model, units: list[DepthUnit], criterion: str, norm: int = 2, seed: int = 0) -> dict[str, float]:
@@ -260,7 +283,7 @@ def remove_units(model, chosen: list[DepthUnit]) -> dict[str, int | None]:
     for u in chosen:
         for i, name in enumerate(u.modules):
             channels = u.channels if i == 0 else None
-            set_module(model, name, Skipped(channels))
+            set_module(model, name, skipped_for(model.get_submodule(name), channels))
             removed[name] = channels
     return removed
 

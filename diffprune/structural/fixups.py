@@ -52,15 +52,16 @@ def repair(model: nn.Module, run: Callable[[], object] | None = None,
             raise DiffpruneError(f"internal: {name} has q/k/v widths {inner}/{inner_kv}/{attn.to_v.out_features}, "
                                  f"not splittable into {heads} heads")
         attn.heads = heads
-        attn.sliceable_head_dim = heads
         attn.inner_dim = inner
-        attn.inner_kv_dim = inner_kv
         attn.query_dim = attn.to_q.in_features
+        for key, value in (("sliceable_head_dim", heads), ("inner_kv_dim", inner_kv)):
+            if hasattr(attn, key):  # diffusers' Attention; FluxAttention keeps neither
+                setattr(attn, key, value)
         out = attn.to_out[0] if isinstance(getattr(attn, "to_out", None), nn.ModuleList) else None
         if isinstance(out, nn.Linear):
             attn.out_dim = out.out_features
         # SDPA scales by 1/sqrt(actual head_dim); keep attn.scale equal so every processor agrees
-        if getattr(attn, "scale_qk", True):
+        if getattr(attn, "scale_qk", True) and hasattr(attn, "scale"):
             attn.scale = (inner // heads) ** -0.5
     for name, m in model.named_modules():
         if _cls(m) == "BasicTransformerBlock":
@@ -70,6 +71,10 @@ def repair(model: nn.Module, run: Callable[[], object] | None = None,
             m.attention_head_dim = m.attn1.inner_dim // m.attn1.heads
         elif _cls(m) == "Transformer2DModel" and m is not model:
             _repair_transformer2d(m)
+        elif _cls(m) == "FluxSingleTransformerBlock":  # proj_out reads concat(attention, MLP hidden)
+            m.mlp_hidden_dim = m.proj_mlp.out_features
+            if hasattr(m.proj_out, "_tp_packed_row_blocks"):
+                m.proj_out._tp_packed_row_blocks = [m.attn.to_q.out_features, m.mlp_hidden_dim]
     if run is not None:
         _resampler_widths_from_inputs(model, run)
 

@@ -84,20 +84,23 @@ class Importance:
         self.cache: dict = {}
 
     def __call__(self, group) -> torch.Tensor:
-        n = len(group[0].idxs)
+        def items():
+            for item in group:
+                roots = list(item.root_idxs)
+                if isinstance(item.dep.target.module, nn.Module) and not any(r is None for r in roots):
+                    yield (item.dep.target.module, item.dep.handler.__name__ == "prune_out_channels",
+                           list(item.idxs), roots)
+        return self.score_layers(len(group[0].idxs), items())
+
+    def score_layers(self, n: int, items) -> torch.Tensor:
+        """One score per channel of a group of n channels, from (layer, out, idxs, roots) items: the layer's
+        channels `idxs` along its output (out=True) or input axis carry the group's channels `roots`. Groups that
+        torch-pruning cannot trace (FLUX/SD3 blocks, mmdit.py) are scored through here directly."""
         total = torch.zeros(n, dtype=torch.float64)
         layers = 0
-        for item in group:
-            dep, idxs = item.dep, list(item.idxs)
-            layer = dep.target.module
-            if not isinstance(layer, nn.Module):
-                continue
+        for layer, out, idxs, roots in items:
             if isinstance(layer, nn.GroupNorm) and self.reduction == "port":
                 continue  # torch-pruning 1.6 does not score GroupNorm
-            out = dep.handler.__name__ == "prune_out_channels"
-            roots = list(item.root_idxs)
-            if any(r is None for r in roots):
-                continue
             axis = _channel_axis(layer, out)
             if axis is None:
                 continue
@@ -142,8 +145,8 @@ class RandomImportance(Importance):
         self.reinitialises = reinit
         self.name = "reinit" if reinit else "random"
 
-    def __call__(self, group) -> torch.Tensor:
-        return torch.rand(len(group[0].idxs), generator=self.generator)
+    def score_layers(self, n: int, items) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator)
 
 
 def make_importance(criterion: str, reduction: str = "paper", norm: int = 2, seed: int = 0) -> Importance:

@@ -355,7 +355,7 @@ def _remove_units(model, removed: dict):
         if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
             raise DiffpruneError(f"{META_FILE}: removed unit {name!r} has channels {channels!r}, not a positive "
                                  f"integer or null")
-        depth.set_module(model, name, depth.Skipped(channels))
+        depth.set_module(model, name, depth.skipped_for(m, channels))
 
 
 def _set_module(model, name: str, new: nn.Module):

@@ -18,9 +18,11 @@ widths) to a multiple: GPU matrix kernels slow down on odd widths (an H100 ran D
 final output conv never loses outputs; model inputs (image channels, text-encoder width of cross-attention
 keys/values) are never pruned, because nothing upstream of them is prunable. DiT prunes attention heads/head_dim,
 MLP hidden width and the time-embedding MLP hidden width only: its residual stream is tied to fixed position
-embeddings and adaLN chunks.
+embeddings and adaLN chunks. FLUX and SD3 lose whole attention heads (the image and text streams of a block
+together) and MLP hidden units, from groups written down in mmdit.py (torch-pruning cannot trace FLUX), scored and
+chosen here like the traced ones.
 
-Why one room of ~530 lines: prune() and the width plan (group classes, rules, rounding) share GroupPlan and
+Why one room of ~560 lines: prune() and the width plan (group classes, rules, rounding) share GroupPlan and
 WidthShape; the next cut is the plan (GroupPlan, WidthShape, choose_*) into a module of its own.
 """
 from __future__ import annotations
@@ -37,14 +39,14 @@ import torch.nn as nn
 from ..errors import DiffpruneError
 from ..models import count_params, get_adapter
 from ..models.macs import count_macs_by_module
-from ..noise import alphas_cumprod
+from ..noise import alphas_cumprod, flow_sigmas
 from ..util import ratio as check_ratio
-from . import depth, fixups
+from . import depth, fixups, mmdit
 from .calibration import CalibrationBatch, calibration_batch
 from .importance import Importance, MagnitudeImportance, make_importance
 from .timesteps import accumulate_gradients, check_threshold
 
-SUPPORTED_FAMILIES = ("unet2d", "unet2d-condition", "dit")
+SUPPORTED_FAMILIES = ("unet2d", "unet2d-condition", "dit", "flux", "sd3")
 RULES = ("paper", "tp")
 HEAD_MODES = ("dims", "whole")
 MODES = ("width", "depth", "both")
@@ -339,8 +341,9 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
             t = threshold if scorer.walks_to_threshold else 0.0
             recorder = depth.record_unit_scores(model, units) if units else contextlib.nullcontext({})
             with recorder as unit_scores:
-                ts = accumulate_gradients(model, batch_data.images, batch_data.cond, t,
-                                          alphas_cumprod=alphas_cumprod(model, scheduler_config), seed=seed,
+                levels = (dict(sigmas=flow_sigmas(scheduler_config)) if adapter.prediction == "flow"
+                          else dict(alphas_cumprod=alphas_cumprod(model, scheduler_config)))
+                ts = accumulate_gradients(model, batch_data.images, batch_data.cond, t, **levels, seed=seed,
                                           progress=progress)
             unit_scores = {k: abs(float(v)) for k, v in unit_scores.items()}
             report["calibration"] = batch_data.describe()
@@ -349,8 +352,16 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
                 _tell(notes, f"calibration batch is synthetic ({batch_data.source})", progress)
         elif units:
             unit_scores = depth.static_scores(model, units, criterion, norm, seed)
-        if mode != "depth":
+        if mode != "depth" and adapter.family in mmdit.FAMILIES:  # torch-pruning cannot trace these blocks
+            if heads != "whole":
+                why = "RoPE and the per-head q/k norms" if adapter.family == "flux" else "per-head q/k norms (SD3.5)"
+                _tell(notes, f"{adapter.family} attention loses whole heads of both streams (the head dim stays: "
+                             f"{why} are sized by it)", progress)
+                report["heads"] = "whole"
+            dg, (plans, hand) = None, _plan_hand(model, ratio, scorer, rule, shape)
+        elif mode != "depth":
             dg, plans, skipped = _plan(model, adapter, ratio, scorer, rule, heads, shape)
+        if mode != "depth":
             odd = _odd_widths(plans)
             if odd:
                 _tell(notes, f"widths after pruning that are not multiples of 8: {odd}; GPU matrix kernels can run "
@@ -364,7 +375,7 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
                 report["rounded"] = rounded
                 _tell(notes, f"{shape.label()} rounded {len(rounded)} groups' kept widths: "
                              + _rounded_summary(rounded), progress)
-            head_counts = _apply(model, dg, plans)
+            head_counts = _apply(model, dg, plans) if dg is not None else _apply_hand(plans, hand)
             del dg
             model.zero_grad(set_to_none=True)
             fixups.repair(model, run=lambda: adapter.predict_noise(model, x, t_, cond), head_counts=head_counts)
@@ -410,7 +421,7 @@ def _odd_widths(plans) -> str:
     for p in plans:
         if not p.remove:
             continue
-        kind, width = (("head_dim", p.kept // p.groups) if p.kind == "attention" and p.groups > 1
+        kind, width = (("head_dim", p.kept // (p.groups - p.heads_removed)) if p.kind == "attention" and p.groups > 1
                        else (p.kind, p.kept // 2 if p.paired else p.kept))
         if width % 8:
             found.setdefault(kind, set()).add(width)
@@ -499,6 +510,33 @@ def _plan(model, adapter, ratio, scorer: Importance, rule, heads, shape):
                                                                  multiple_of=max(plan.groups, 1)))
         plans.append(plan)
     return dg, plans, skipped
+
+
+def _plan_hand(model, ratio, scorer: Importance, rule, shape) -> tuple[list[GroupPlan], list]:
+    """_plan for the hand-written groups of FLUX/SD3 blocks (mmdit.py), by the same criteria and rules: attention
+    loses whole heads (the head dim is checked against --width-multiple, never changed), MLPs their hidden units."""
+    if scorer.needs_gradients and all(p.grad is None for p in model.parameters()):
+        raise DiffpruneError("internal: no gradients were accumulated for a gradient criterion")
+    plans, groups = [], mmdit.hand_groups(model)
+    for g in groups:
+        plan = GroupPlan(root=g.root, kind=g.kind, channels=g.channels, groups=g.heads, groupnorm=False,
+                         paired=False, attention=[g.attention] if g.attention else [])
+        scores = scorer.score_layers(g.channels, mmdit.score_items(g))
+        if g.kind == "attention":
+            if shape.strict:  # the head dim is never rounded; an explicit multiple larger than it is refused
+                shape.fit(g.channels // g.heads, shape.heads, plan)
+            plan.remove, plan.heads_removed = choose_heads(scores, ratio, g.heads)
+        else:
+            m = shape.fit(g.channels, shape.channels, plan)
+            plan.remove = choose_indices(scores, ratio, 1, rule, keep_multiple=m)
+            plan.exact_kept = g.channels - len(choose_indices(scores, ratio, 1, rule))
+        plans.append(plan)
+    return plans, groups
+
+
+def _apply_hand(plans, groups) -> dict[str, int]:
+    mmdit.apply([(g, p.remove) for g, p in zip(groups, plans)])
+    return {g.attention: g.heads - p.heads_removed for g, p in zip(groups, plans) if p.heads_removed}
 
 
 def _apply(model, dg, plans) -> dict[str, int]:

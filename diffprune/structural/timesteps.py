@@ -1,9 +1,12 @@
 """Gradients for Taylor importance, accumulated over the informative timesteps only (Diff-Pruning).
 
-Timesteps are visited from the clean end (t = 0, 1, 2, ...). At each one the epsilon-prediction MSE L_t is computed
+Timesteps are visited from the clean end (t = 0, 1, 2, ...). At each one the training loss L_t is computed
 on ONE fixed calibration batch with ONE fixed noise tensor, and a running maximum L_max is kept. The walk stops at the
 first t with L_t < T * L_max; that step is not included. Every included step adds its gradient to the parameters'
 .grad (no zero_grad in between), so the importance later sees sum_{t in S} dL_t/dw. T = 0 keeps every step.
+The loss is the model's own training objective: epsilon MSE on x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps for DDPM-
+family models; for flow-matching models (FLUX, SD3) the velocity MSE on x_t = (1 - s_t) x0 + s_t eps with target
+eps - x0, s_t the flow scheduler's training sigmas (noise.flow_sigmas), the timestep input s_t * 1000.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import DiffpruneError
 from ..figures import pyplot, save_figure
 from ..models import get_adapter
-from ..noise import add_noise
+from ..noise import add_flow_noise, add_noise
 
 def check_threshold(threshold: float) -> float:
     t = float(threshold)
@@ -62,10 +65,12 @@ class TimestepReport:
 
 
 def accumulate_gradients(model, images: torch.Tensor, cond: dict, threshold: float, *,
-                         alphas_cumprod: torch.Tensor, seed: int = 0, progress: bool = True) -> TimestepReport:
+                         alphas_cumprod: torch.Tensor | None = None, sigmas: torch.Tensor | None = None,
+                         seed: int = 0, progress: bool = True) -> TimestepReport:
     """Backward the per-timestep loss of the selected timesteps into the parameters' .grad (summed).
 
     `images` is the fixed clean batch (model space: pixels or latents), `cond` the adapter conditioning for it.
+    alphas_cumprod: the DDPM training schedule (epsilon models); sigmas: the flow sigmas (flow models).
     The model is put in eval() mode (dropout off) while scoring and restored afterwards.
     """
     threshold = check_threshold(threshold)
@@ -75,8 +80,13 @@ def accumulate_gradients(model, images: torch.Tensor, cond: dict, threshold: flo
     x0 = images.to(device, dtype)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
     cond = _to(cond, device, dtype)
-    acp = alphas_cumprod.to(device)
-    n_steps = len(acp)
+    flow = adapter.prediction == "flow"
+    levels = sigmas if flow else alphas_cumprod
+    if levels is None:
+        raise DiffpruneError(f"internal: a {adapter.family} model's walk needs "
+                             f"{'sigmas' if flow else 'alphas_cumprod'}")
+    levels = levels.to(device)
+    n_steps = len(levels)
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
@@ -86,10 +96,15 @@ def accumulate_gradients(model, images: torch.Tensor, cond: dict, threshold: flo
     bar = tqdm(range(n_steps), desc="accumulating gradients over timesteps", disable=not progress, leave=False)
     try:
         for t in bar:
-            tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
-            x_t = add_noise(x0, noise, tt, acp).to(dtype)
-            pred = adapter.predict_noise(model, x_t, tt, cond)
-            loss = F.mse_loss(pred.float(), noise.float())
+            if flow:  # rectified flow: velocity target eps - x0, timestep input on the 0..1000 scale
+                s = levels[t].expand(x0.shape[0])
+                x_t, target = add_flow_noise(x0, noise, s).to(dtype), noise - x0
+                pred = adapter.predict_noise(model, x_t, s * 1000, cond)
+            else:
+                tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=device)
+                x_t, target = add_noise(x0, noise, tt, levels).to(dtype), noise
+                pred = adapter.predict_noise(model, x_t, tt, cond)
+            loss = F.mse_loss(pred.float(), target.float())
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise DiffpruneError(f"the model's loss at timestep {t} is {value}; check the weights and the data")
@@ -162,7 +177,7 @@ def plot_losses(report: TimestepReport, path) -> None:
     if report.stop_t is not None:
         ax.axvline(report.stop_t, color="tab:red", lw=0.8)
     ax.set_xlabel("timestep t")
-    ax.set_ylabel("epsilon MSE")
+    ax.set_ylabel("training loss (MSE)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.set_title("Diff-Pruning timestep selection", fontsize=9)
