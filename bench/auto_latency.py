@@ -5,6 +5,8 @@ Learned schedules of seed 0 only (a second seed's schedule has the same kind of 
 GPU (nothing else running there): latencies of concurrent processes mean nothing. Rows go to
 OUT/CONFIG/latency.json as they finish; --max-minutes skips the rest.
   python bench/auto_latency.py --config fmnist-dit_ddim_50
+Schedules alone (e.g. unpacked from a packed part, OUT/CONFIG/schedules/*.json, no results beside them): the config
+name says the model, sampler and steps (MODEL_SAMPLER_STEPS, "dpm-solverpp" for dpm-solver++).
 """
 from __future__ import annotations
 
@@ -39,10 +41,14 @@ def main():
     t0 = time.time()
     folder = Path(os.environ.get("OUT", "bench/results")) / args.config
     jobs = [p for p in folder.glob("*.json") if p.name != "latency.json"]
-    if not jobs:
-        sys.exit(f"{folder}: no results of bench/auto_fmnist.py")
-    job = json.loads(jobs[0].read_text())
-    model_name, sampler, steps = job["model"], job["sampler"], job["steps"]
+    if jobs:
+        job = json.loads(jobs[0].read_text())
+        model_name, sampler, steps = job["model"], job["sampler"], job["steps"]
+    elif list((folder / "schedules").glob("*.json")):
+        model_name, sampler, steps = args.config.rsplit("_", 2)
+        sampler, steps = sampler.replace("pp", "++"), int(steps)
+    else:
+        sys.exit(f"{folder}: no results or schedules of bench/auto_fmnist.py")
     model = zoo.load_model(model_name).to(args.device).eval()
     graph = build_graph(model)
     first = ("steps", "dipgo-refined", "grid", "step-reuse", "dipgo-paper", "deepcache", "random", "genetic")

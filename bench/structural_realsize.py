@@ -40,6 +40,7 @@ from diffprune.models.macs import count_macs_by_module  # noqa: E402
 from diffprune.models import count_params, get_adapter  # noqa: E402
 from diffprune.structural import depth as sdepth  # noqa: E402
 from diffprune.structural import prune  # noqa: E402
+from diffprune.structural.importance import make_importance  # noqa: E402
 from diffprune.util import atomic_write_text  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -98,7 +99,7 @@ def depth_plan(dense) -> tuple[list, dict]:
     with 1/sqrt(fan-in)), so magnitude would remove the low-resolution units first and nothing else (SD-1.5: five
     units, 3% of the FLOPs, before the bottom level would be emptied)."""
     units = sdepth.depth_units(dense)
-    scores = sdepth.static_scores(dense, units, "random", seed=0)
+    scores = make_importance("random", seed=0).unit_scores(dense, [u for u in units if u.removable])
     for u in units:
         u.score = scores.get(u.name)
     per_module = macs_by_module(dense)

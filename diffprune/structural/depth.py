@@ -235,21 +235,6 @@ def _accumulate(acc: dict, name: str, delta: torch.Tensor):
     return grad_hook
 
 
-def static_scores(model, units: list[DepthUnit], criterion: str, norm: int = 2, seed: int = 0) -> dict[str, float]:
-    """Scores that need no data: magnitude (mean |w|^p over the unit's weights) or random."""
-    removable = [u for u in units if u.removable]
-    if criterion == "random":
-        r = torch.rand(len(removable), generator=torch.Generator().manual_seed(seed))
-        return {u.name: float(s) for u, s in zip(removable, r)}
-    scores = {}
-    for u in removable:
-        ws = [p.detach().float() for m in u.modules for n, p in model.get_submodule(m).named_parameters()
-              if n.endswith("weight") and p.ndim > 1]
-        total = sum(float(w.abs().pow(norm).sum()) for w in ws)
-        scores[u.name] = total / max(sum(w.numel() for w in ws), 1)
-    return scores
-
-
 def units_due(units: list[DepthUnit], ratio: float) -> int:
     """How many units a depth ratio removes: round(ratio * removable), at least one."""
     removable = [u for u in units if u.removable]

@@ -120,6 +120,12 @@ class Importance:
         return total.float()
 
 
+    def unit_scores(self, model, units) -> dict[str, float]:
+        """One score per removable depth unit (depth.DepthUnit) from the weights alone. The gradient criteria score
+        units during the timestep walk instead (depth.record_unit_scores)."""
+        raise DiffpruneError(f"internal: {self.name} scores depth units from gradients, during the timestep walk")
+
+
 class DiffPruningImportance(Importance):
     """Taylor scores with gradients summed over the timesteps the walk selects (until the loss threshold)."""
     name, needs_gradients, walks_to_threshold = "diff-pruning", True, True
@@ -131,8 +137,17 @@ class TaylorImportance(Importance):
 
 
 class MagnitudeImportance(Importance):
-    """sum_slice |w|^p (norm p = 2 by default, 1 for L1)."""
+    """sum_slice |w|^p (norm p = 2 by default, 1 for L1); a depth unit: mean |w|^p over its weight matrices."""
     name = "magnitude"
+
+    def unit_scores(self, model, units) -> dict[str, float]:
+        scores = {}
+        for u in units:
+            ws = [p.detach().float() for m in u.modules for n, p in model.get_submodule(m).named_parameters()
+                  if n.endswith("weight") and p.ndim > 1]
+            total = sum(float(w.abs().pow(self.norm).sum()) for w in ws)
+            scores[u.name] = total / max(sum(w.numel() for w in ws), 1)
+        return scores
 
 
 class RandomImportance(Importance):
@@ -141,9 +156,14 @@ class RandomImportance(Importance):
 
     def __init__(self, reduction: str = "paper", norm: int = 2, seed: int = 0, reinit: bool = False):
         super().__init__(reduction, norm)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.generator = seed, torch.Generator().manual_seed(seed)
         self.reinitialises = reinit
         self.name = "reinit" if reinit else "random"
+
+    def unit_scores(self, model, units) -> dict[str, float]:
+        # a generator of its own: in mode "both" the width groups' draws stay what they are in mode "width"
+        r = torch.rand(len(units), generator=torch.Generator().manual_seed(self.seed))
+        return {u.name: float(s) for u, s in zip(units, r)}
 
     def score_layers(self, n: int, items) -> torch.Tensor:
         return torch.rand(n, generator=self.generator)

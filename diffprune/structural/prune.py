@@ -351,7 +351,7 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
             if batch_data.synthetic:
                 _tell(notes, f"calibration batch is synthetic ({batch_data.source})", progress)
         elif units:
-            unit_scores = depth.static_scores(model, units, criterion, norm, seed)
+            unit_scores = scorer.unit_scores(model, [u for u in units if u.removable])
         if mode != "depth" and adapter.family in mmdit.FAMILIES:  # torch-pruning cannot trace these blocks
             if heads != "whole":
                 why = "RoPE and the per-head q/k norms" if adapter.family == "flux" else "per-head q/k norms (SD3.5)"
