@@ -45,7 +45,7 @@ from diffprune.models import build_graph  # noqa: E402
 from diffprune.sampling import rollout_length  # noqa: E402
 from diffprune.schedule import search_schedule  # noqa: E402
 from diffprune.schedule.auto import Candidate, score_candidates  # noqa: E402
-from diffprune.schedule.dipgo import train_pruner  # noqa: E402
+from diffprune.schedule.dipgo_train import train_pruner  # noqa: E402
 from diffprune.util import atomic_write_text  # noqa: E402
 
 CHEAP = ("steps", "grid", "deepcache", "step-reuse")

@@ -41,7 +41,7 @@ import torch
 from diffprune import zoo
 from diffprune.distributed import processes
 from diffprune.models import build_graph
-from diffprune.schedule.dipgo import train_pruner
+from diffprune.schedule.dipgo_train import train_pruner
 
 out, device, name, steps, cfg, batch, iters, warm, ratio = sys.argv[1:]
 procs = processes(device)  # before anything touches CUDA: every process gets its own GPU

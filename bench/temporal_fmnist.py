@@ -49,7 +49,7 @@ from diffprune.tables import format_table  # noqa: E402
 from diffprune.models import build_graph  # noqa: E402
 from diffprune.sampling import rollout_length  # noqa: E402
 from diffprune.schedule import search_schedule  # noqa: E402
-from diffprune.schedule.dipgo import train_pruner  # noqa: E402
+from diffprune.schedule.dipgo_train import train_pruner  # noqa: E402
 from diffprune.schedule.plot import schedule_heatmap  # noqa: E402
 from diffprune.util import atomic_write_bytes, atomic_write_text  # noqa: E402
 

@@ -7,8 +7,8 @@ from diffprune import sampling, zoo
 from diffprune.errors import DiffpruneError
 from diffprune.models import build_graph
 from diffprune.schedule import Schedule, apply_schedule
-from diffprune.schedule.dipgo import (DipGo, Pruner, cascaded_costs, pruned_ratio, table_at_ratio,
-                                      train_pruner)
+from diffprune.schedule.dipgo import DipGo, Pruner, cascaded_costs, pruned_ratio, table_at_ratio
+from diffprune.schedule.dipgo_train import train_pruner
 from diffprune.schedule.runtime import ScheduleRuntime
 
 _CACHE = {}

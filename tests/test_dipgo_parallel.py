@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from diffprune import zoo
 from diffprune.cli import main
 from diffprune.errors import DiffpruneError
-from diffprune.schedule import Schedule, dipgo
-from diffprune.schedule.dipgo import Pruner, train_pruner
+from diffprune.schedule import Schedule, dipgo_train
+from diffprune.schedule.dipgo import Pruner
+from diffprune.schedule.dipgo_train import train_pruner
 from diffprune.schedule.rollouts import batch_share
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def test_two_processes_train_the_same_pruner_as_one(tmp_path):
 
 def test_a_global_batch_not_divisible_by_the_processes_is_refused(monkeypatch):
     fake = types.SimpleNamespace(num_processes=2, process_index=0, is_main_process=True)
-    monkeypatch.setattr(dipgo, "processes", lambda device: fake)
+    monkeypatch.setattr(dipgo_train, "processes", lambda device: fake)
     with pytest.raises(DiffpruneError, match="batch_size 3 is not divisible by the 2 processes"):
         train_pruner(zoo.build("tiny-unet"), target=0.5, num_steps=2, iterations=1, batch_size=3, progress=False)
 

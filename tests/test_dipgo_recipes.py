@@ -11,7 +11,8 @@ from diffprune.errors import DiffpruneError
 from diffprune.models import build_graph
 from diffprune.schedule import Schedule, search_schedule
 from diffprune.schedule.auto import Candidate, score_candidates
-from diffprune.schedule.dipgo import DipGoOptions, train_pruner
+from diffprune.schedule.dipgo import DipGoOptions
+from diffprune.schedule.dipgo_train import train_pruner
 from diffprune.schedule.recipes import HELD_OUT_SEED, resolve
 from diffprune.schedule.search import Evaluator
 

@@ -119,7 +119,8 @@ def test_dipgo_warns_once_when_the_pruner_did_not_move_and_saves_a_small_score_t
 
 def test_a_pruner_that_moved_is_not_warned_about_and_old_full_pruner_files_still_load(tmp_path):
     from diffprune.models import build_graph
-    from diffprune.schedule.dipgo import DipGo, Pruner, ScoreTable, train_pruner
+    from diffprune.schedule.dipgo import DipGo, Pruner, ScoreTable
+    from diffprune.schedule.dipgo_train import train_pruner
     from diffprune.zoo import load_model
     model = load_model("tiny-unet")
     graph = build_graph(model)
@@ -223,7 +224,7 @@ def test_eval_a_text_pipeline_on_prompts_against_its_dense_self(tmp_path, capsys
 def test_dipgo_says_how_long_its_iterations_will_take_when_that_is_long(capsys):
     from tqdm.auto import tqdm
 
-    from diffprune.schedule.dipgo import _say_eta
+    from diffprune.schedule.dipgo_train import _say_eta
     with tqdm(range(3), disable=True) as bar:
         _say_eta(bar, 12.0, 198)  # 12 s per iteration, 198 to go: about 40 minutes
         _say_eta(bar, 0.5, 100)   # under two minutes: not worth a line

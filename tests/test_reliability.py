@@ -19,7 +19,7 @@ from diffprune.cli import main
 from diffprune.errors import DiffpruneError
 from diffprune.models import build_graph, get_adapter
 from diffprune.schedule import Schedule
-from diffprune.schedule import dipgo
+from diffprune.schedule import dipgo, dipgo_train
 from diffprune.structural import io as sio
 from diffprune.structural import load_pruned, prune, save_pruned
 from diffprune.util import claim_output, loads_json, output_directory, read_json, remove_debris
@@ -73,13 +73,13 @@ def test_a_state_file_of_another_model_is_refused(tmp_path):
     b = _tiny_unet(width=a.config.block_out_channels[0] * 2)
     assert build_graph(a).units == build_graph(b).units  # same units, so only the model hash tells them apart
     state = tmp_path / "state.safetensors"
-    dipgo.train_pruner(a, iterations=1, state_path=state, **_KW)
+    dipgo_train.train_pruner(a, iterations=1, state_path=state, **_KW)
     before = state.read_bytes()
     with pytest.raises(DiffpruneError, match="another model or unit set"):
-        dipgo.train_pruner(b, iterations=1, state_path=state, **_KW)  # before: 0 iterations, the old pruner
+        dipgo_train.train_pruner(b, iterations=1, state_path=state, **_KW)  # before: 0 iterations, the old pruner
     assert state.read_bytes() == before
     with pytest.raises(DiffpruneError, match="other settings.*guidance_scale"):
-        dipgo.train_pruner(a, iterations=1, state_path=state, **{**_KW, "guidance_scale": 3.0})
+        dipgo_train.train_pruner(a, iterations=1, state_path=state, **{**_KW, "guidance_scale": 3.0})
 
 
 def test_a_state_file_of_another_unit_count_is_a_clean_cli_error(tmp_path, capsys):
@@ -95,17 +95,17 @@ def test_a_state_file_of_another_unit_count_is_a_clean_cli_error(tmp_path, capsy
 
 def test_the_state_interval_is_an_option_with_a_time_based_default(tmp_path, monkeypatch):
     saved = []
-    real = dipgo._save_state
-    monkeypatch.setattr(dipgo, "_save_state", lambda path, p, o, c, it, h: (saved.append(it), real(path, p, o, c, it,
+    real = dipgo_train._save_state
+    monkeypatch.setattr(dipgo_train, "_save_state", lambda path, p, o, c, it, h: (saved.append(it), real(path, p, o, c, it,
                                                                                                    h)))
     model = zoo.build("tiny-unet")
-    dipgo.train_pruner(model, iterations=3, state_path=tmp_path / "s1", **_KW)
+    dipgo_train.train_pruner(model, iterations=3, state_path=tmp_path / "s1", **_KW)
     assert saved == [3]  # default: every 5 minutes, and at the end
     saved.clear()
-    dipgo.train_pruner(model, iterations=3, state_path=tmp_path / "s2", checkpoint_minutes=1e-9, **_KW)
+    dipgo_train.train_pruner(model, iterations=3, state_path=tmp_path / "s2", checkpoint_minutes=1e-9, **_KW)
     assert saved == [1, 2, 3]
     saved.clear()
-    dipgo.train_pruner(model, iterations=4, state_path=tmp_path / "s3", checkpoint_every=2, **_KW)
+    dipgo_train.train_pruner(model, iterations=4, state_path=tmp_path / "s3", checkpoint_every=2, **_KW)
     assert saved == [2, 4]
 
 
@@ -529,7 +529,7 @@ def _fuzz_state(tmp_path, n, seed):
     graph = build_graph(model)
     good = tmp_path / "good.safetensors"
     kw = dict(_KW, graph=graph, optimizer="adamw")
-    dipgo.train_pruner(model, iterations=2, state_path=good, **kw)
+    dipgo_train.train_pruner(model, iterations=2, state_path=good, **kw)
     with safe_open(str(good), framework="pt") as f:
         meta = json.loads(f.metadata()["diffprune_state"])
     tensors = load_file(str(good))
@@ -548,7 +548,7 @@ def _fuzz_state(tmp_path, n, seed):
             text = json.dumps(_mutate_doc(meta, rng))
         case.write_bytes(save(t, metadata={"diffprune_state": text}))
         try:  # resuming at the saved iteration 2 of 2 loads everything and trains nothing (a few ms)
-            result = dipgo.train_pruner(model, iterations=2, state_path=case, **kw)
+            result = dipgo_train.train_pruner(model, iterations=2, state_path=case, **kw)
         except DiffpruneError:
             refused += 1
             continue
@@ -562,7 +562,7 @@ def _fuzz_pruner_file(tmp_path, n, seed):
     model = zoo.build("tiny-unet")
     graph = build_graph(model)
     good = tmp_path / "pruner.safetensors"
-    dipgo.train_pruner(model, iterations=1, graph=graph, **_KW).save_pruner(good)
+    dipgo_train.train_pruner(model, iterations=1, graph=graph, **_KW).save_pruner(good)
     with safe_open(str(good), framework="pt") as f:
         meta = json.loads(f.metadata()["diffprune"])
     tensors = load_file(str(good))

@@ -2,7 +2,8 @@
 executes them (runtime.py), and the methods that make them: DiP-GO (dipgo.py), DeepCache / fewer steps /
 whole-step reuse (baselines.py), random / genetic / step-reuse searches and the search_schedule entry point
 (search.py); plot.py draws a schedule."""
-from .dipgo import DipGo, DipGoOptions, train_pruner
+from .dipgo import DipGo, DipGoOptions
+from .dipgo_train import train_pruner
 from .runtime import ScheduleRuntime, apply_schedule
 from .schedule import Schedule, collapse_report
 from .search import METHODS, search_schedule

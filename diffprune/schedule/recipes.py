@@ -27,7 +27,8 @@ import torch
 
 from ..errors import DiffpruneError
 from . import baselines
-from .dipgo import GATES, LOSSES, DipGo, DipGoOptions, Pruner, ScoreTable, train_pruner
+from .dipgo import GATES, LOSSES, DipGo, DipGoOptions, Pruner, ScoreTable
+from .dipgo_train import train_pruner
 from .ratios import RATIO_TOLERANCE, table_at_ratio
 from .runtime import apply_schedule
 from .schedule import Schedule, collapse_report

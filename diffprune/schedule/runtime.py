@@ -27,6 +27,10 @@ fixed buffers (updated in place) for that purpose.
 
 Training mode (set_gates, used by DiP-GO): every unit runs and returns g_keep * current + g_skip * cached with
 straight-through hard gates, so forward values equal the hard schedule's exactly while gradients reach the gates.
+
+Why one room of ~570 lines: one object's life cycle (install the hooks, count steps, cache, reset per rollout,
+remove cleanly) and the registry glue it installs with; the removal guarantees (either order with diffusers' own
+hooks) are read and tested as one piece.
 """
 from __future__ import annotations
 
