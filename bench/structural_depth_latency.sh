@@ -5,12 +5,13 @@
 # every fmnist-dit block costs the same), then `diffprune bench` of dense and each at batch 1 and 8 with CFG,
 # fp32, DDIM 50: one denoiser call and the whole rollout, captured (modes capture and graph).
 # Carry .carry (bench/pack_carry.sh):  OUT=$OUT/sdl bash bench/structural_depth_latency.sh
-# CPU smoke test: PYTHON=.venv/bin/python DEVICE=cpu BENCH_EXTRA="--steps 2 --repeats 1 --call-repeats 1 --warmup 0 --mode eager" LAT_BATCHES=1 OUT=/tmp/sdl bash bench/structural_depth_latency.sh
+# CPU smoke test: PYTHON=.venv/bin/python DEVICE=cpu STEPS=2 REPEATS=1 LAT_BATCHES=1 OUT=/tmp/sdl bash bench/structural_depth_latency.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}; . bench/gpu_env.sh
 OUT=${OUT:-bench/results/structural_depth}; RUNS=${RUNS:-runs/structural-depth-latency}; mkdir -p "$OUT" "$RUNS"
-DEVICE=${DEVICE:-cuda}; LAT_BATCHES=${LAT_BATCHES:-1 8}; BENCH_EXTRA=${BENCH_EXTRA:---steps 50 --repeats 5}
+DEVICE=${DEVICE:-cuda}; LAT_BATCHES=${LAT_BATCHES:-1 8}; STEPS=${STEPS:-50}; REPEATS=${REPEATS:-5}
+MODES=${MODES:-capture,graph}; [ "$DEVICE" = cpu ] && MODES=eager
 for m in fmnist-unet fmnist-dit; do
   for v in width depth both; do
     if [ "$m" = fmnist-unet ]; then target=0.553 wr=0.25 rule="--rule tp"; [ "$v" = both ] && wr=0.2 rule=""
@@ -19,16 +20,31 @@ for m in fmnist-unet fmnist-dit; do
       --criterion magnitude --device "$DEVICE" --out "$RUNS/$m/prune-$v" > "$RUNS/$m-$v-prune.log" 2>&1 \
       || { echo "prune $m $v failed"; tail -3 "$RUNS/$m-$v-prune.log"; }
   done
-  for v in dense width depth both; do
-    src=$RUNS/$m/prune-$v; [ "$v" = dense ] && src=$m
-    [ "$v" = dense ] || [ -d "$src" ] || continue
-    for b in $LAT_BATCHES; do
-      # shellcheck disable=SC2086
-      "$PY" -m diffprune bench "$src" --device "$DEVICE" --dtype fp32 --cfg --guidance 2 --batch "$b" $BENCH_EXTRA \
-        --json "$RUNS/$m-$v-b$b.json" > "$RUNS/$m-$v-b$b.log" 2>&1 || echo "bench $m $v b$b failed"
-    done
-  done
 done
+# every timing in one process: a `diffprune bench` process spends ~40 s starting for ~3 s of timing (measured on
+# the H200, 2026-11-30), and the first version of this script did not finish in 400 s
+"$PY" - "$RUNS" "$DEVICE" "$LAT_BATCHES" "$STEPS" "$REPEATS" "$MODES" <<'PYEOF'
+import json, os, sys
+from diffprune.benchmark import bench
+from diffprune.zoo import load_for_sampling
+runs, device, batches, steps, repeats, modes = sys.argv[1:]
+for m in ("fmnist-unet", "fmnist-dit"):
+    for v in ("dense", "width", "depth", "both"):
+        src = m if v == "dense" else f"{runs}/{m}/prune-{v}"
+        if v != "dense" and not os.path.isdir(src):
+            continue
+        model = load_for_sampling(src, device, "fp32")  # as `diffprune bench --dtype fp32` loads it
+        for b in batches.split():
+            out = f"{runs}/{m}-{v}-b{b}.json"
+            if os.path.exists(out):
+                continue
+            r = bench(model, device=device, modes=modes.split(","), steps=int(steps), sampler="ddim", batch=int(b),
+                      cfg=True, guidance_scale=2.0, repeats=int(repeats), progress=False,
+                      **({"call_repeats": 1, "warmup": 0} if device == "cpu" else {}))
+            json.dump({"model": src, "batch": int(b), **r}, open(out, "w"), indent=1, default=str)
+            print(m, v, f"b{b}", [(x.get("what"), x.get("mode"), round(x["median_ms"], 3)) for x in r["results"]],
+                  flush=True)
+PYEOF
 "$PY" - "$RUNS" "$OUT" <<'PYEOF'
 import glob, json, os, sys
 runs, out = sys.argv[1:]
