@@ -53,6 +53,20 @@ def test_auto_picks_the_best_held_out_candidate(unet):
     assert result.best.schedule.meta["auto"]["held_out_ssim"] == result.best.ssim
 
 
+def test_the_summary_says_whether_the_lead_is_beyond_the_noise_of_the_held_out_samples(unet):
+    model, graph = unet
+    a, b = _fixed(graph, model)[3:]
+    for c, per in ((a, [0.90, 0.80, 0.95, 0.70]), (b, [0.89, 0.81, 0.93, 0.71])):  # mean lead 0.0025, s.e. 0.0075
+        c.ssim, c.psnr, c.ssim_per_sample = sum(per) / 4, 20.0, per
+    summary = pick([a, b]).summary
+    assert "ahead of reuse by +0.0025 SSIM" in summary
+    assert "within the noise of 4 held-out samples (paired s.e. 0.0075)" in summary
+    b.ssim_per_sample = [x - 0.05 for x in a.ssim_per_sample[:3]] + [a.ssim_per_sample[3] - 0.06]
+    b.ssim = sum(b.ssim_per_sample) / 4
+    summary = pick([a, b]).summary
+    assert "beyond the noise of 4 held-out samples (paired s.e. 0.0025)" in summary and "within" not in summary
+
+
 def test_families_that_cannot_reach_the_ratio_are_skipped_with_the_reason():
     torch.manual_seed(0)
     model = zoo.build("tiny-sd").eval()

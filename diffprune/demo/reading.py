@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..metrics.significance import verdict
 from .settings import FAMILY_NAMES
-from .stats import achieved, level_verdict, pair, short_of, verdict
+from .stats import achieved, level_verdict, pair, short_of
 
 
 def plural(k: int, word: str) -> str:

@@ -7,6 +7,7 @@ import numpy as np
 
 from ..metrics import classifier, quality
 from ..metrics.quality import frechet_distance
+from ..metrics.significance import verdict
 from ..schedule.ratios import RATIO_TOLERANCE
 from .settings import BOOTSTRAP, DemoSettings
 
@@ -56,14 +57,7 @@ def comparisons(variants, art, s: DemoSettings) -> list[dict]:
     return out
 
 
-# ----- verdicts: beyond noise or within it ---------------------------------------------------------------------
-
-def verdict(diff: float, spread: float, lower_better: bool) -> str:
-    """'better' / 'worse' for the first of a pair, or 'within noise' when |diff| <= 2 spreads."""
-    if abs(diff) <= 2 * spread:
-        return "within noise"
-    return "better" if (diff < 0) == lower_better else "worse"
-
+# ----- verdicts: beyond noise or within it (metrics.significance.verdict) ---------------------------------------
 
 def pair(results, a, b):
     for c in results["comparisons"]:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import DiffpruneError
 from ..figures import figure_png, pyplot
 from ..metrics.quality import psnr
+from ..metrics.significance import paired_difference, verdict
 from ..models import UnitGraph, build_graph
 from ..util import atomic_write_bytes, denoiser_of
 from .plot import schedule_heatmap
@@ -44,7 +45,8 @@ class Candidate:
     skipped: str | None = None          # why there is no schedule (or why it does not count)
     pruned_ratio: float | None = None
     macs: int | None = None
-    ssim: float | None = None           # held-out, to the dense rollout
+    ssim: float | None = None           # held-out, to the dense rollout (mean over the samples)
+    ssim_per_sample: list | None = None  # the same, per held-out sample (paired across candidates)
     psnr: float | None = None
     latency_ms: float | None = None
 
@@ -108,7 +110,8 @@ def score_candidates(model_or_pipeline, candidates, *, graph: UnitGraph, sampler
             ctx = contextlib.nullcontext() if sched.table.all() else apply_schedule(r.model, sched, graph=graph)
             with ctx:
                 images = r.run(noise, cond, grid=sched.grid)
-            cand.ssim = float(r.similarity(images, reference))
+            per = r.similarity(images, reference, reduction="none").double().cpu()
+            cand.ssim, cand.ssim_per_sample = float(per.mean()), per.tolist()
             cand.psnr = float(psnr(images, reference, value_range=r.value_range(reference)))
     return candidates
 
@@ -150,7 +153,7 @@ def pick(candidates, latency_ms: float | None = None) -> AutoResult:
     if others:
         second = others[0]
         summary += (f", ahead of {second.family} by {best.ssim - second.ssim:+.4f} SSIM "
-                    f"({best.psnr - second.psnr:+.2f} dB)")
+                    f"({best.psnr - second.psnr:+.2f} dB)") + _noise_note(best, second)
     else:
         summary += ", the only family that counts"
     best.schedule.meta["auto"] = {"summary": summary, "held_out_ssim": best.ssim, "held_out_psnr": best.psnr,
@@ -195,6 +198,21 @@ def auto_search(model_or_pipeline, ratio: float | None = None, *, steps: int = 5
         measure_latency(model, candidates, timer=timer, graph=graph, sampler=sampler, steps=steps,
                         guidance_scale=guidance_scale)
     return pick(candidates, latency_ms)
+
+
+def _noise_note(best: Candidate, second: Candidate) -> str:
+    """Whether the lead is beyond the noise of the held-out samples (same noise and conditions for every candidate,
+    so the per-sample differences are paired): a lead within 2 standard errors may not hold on other samples."""
+    a, b = best.ssim_per_sample, second.ssim_per_sample
+    if not a or not b or len(a) != len(b):
+        return ""
+    diff, se = paired_difference(a, b)
+    if len(a) < 2:
+        return "; one held-out sample cannot tell noise from a lead: score on more samples (--samples)"
+    if verdict(diff, se, lower_better=False) == "within noise":
+        return (f"; within the noise of {len(a)} held-out samples (paired s.e. {se:.4f}): the two may swap on "
+                f"other samples, score on more (--samples) for a surer pick")
+    return f", beyond the noise of {len(a)} held-out samples (paired s.e. {se:.4f})"
 
 
 # ----- reports --------------------------------------------------------------------------------------------------
