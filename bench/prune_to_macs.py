@@ -69,7 +69,7 @@ def main(argv=None):
                     model, report = run(args.mode, n, n_units)
                     kept = report["macs_after"] / report["macs_before"]
                 except DiffpruneError as e:
-                    if "every unit" not in str(e):
+                    if "every unit" not in str(e):  # units_due: more than can go while every level keeps one
                         raise
                     model, report, kept = None, None, None
                 tried[n] = (kept, model, report)
@@ -89,9 +89,10 @@ def main(argv=None):
         checks = 0
         while checks < 4:
             kept = attempt(n)[0]
-            # a count that would empty a level is refused: step down to the largest count that is not (refusals
-            # do not count as checks: with diff-pruning's order on fmnist-unet the lowest scores sit in one level,
-            # and four refused counts in a row stopped the search at one unit)
+            # a count more than can go while every level keeps a unit is refused: step down (refusals do not count
+            # as checks). Since 2026-11-30 depth pruning passes over a level's last unit instead of refusing, so
+            # this only happens near the maximum count; before, diff-pruning's order on fmnist-unet (the lowest
+            # scores in one level) had four counts in a row refused and the search stopped at one unit
             checks += kept is not None
             step = -1 if kept is None else 1 if kept > args.target else -1
             if not 1 <= n + step <= n_units or n + step in tried:

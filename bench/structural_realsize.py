@@ -112,14 +112,13 @@ def prune_depth(dense, target: float, dense_macs: int, plan):
     """Depth-prune a copy of `dense`, removing the unit count whose kept FLOPs come nearest to `target`."""
     units, macs = plan
     removable = [u for u in units if u.removable]
-    order = sorted(range(len(removable)), key=lambda i: (removable[i].score, i))
     best = None
     for n in range(1, len(removable) + 1):
         try:
-            sdepth.choose_units(units, n / len(removable))
+            chosen, _ = sdepth.choose_units(units, (n - 0.25) / len(removable))
         except DiffpruneError:
-            continue  # empties a level
-        kept = 1 - sum(macs[removable[i].name] for i in order[:n]) / dense_macs
+            continue  # more units than can go while every level keeps one
+        kept = 1 - sum(macs[u.name] for u in chosen) / dense_macs
         if best is None or abs(kept - target) < abs(best[1] - target):
             best = (n, kept)
     if best is None:

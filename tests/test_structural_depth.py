@@ -13,7 +13,7 @@ from diffprune.models import build_graph, count_params, get_adapter
 from diffprune.structural import load_pruned, prune, save_pruned
 from diffprune.structural import io as sio
 from diffprune.structural.calibration import calibration_batch
-from diffprune.structural.depth import Skipped, depth_units
+from diffprune.structural.depth import DepthUnit, Skipped, choose_units, depth_units
 from diffprune.noise import alphas_cumprod
 from diffprune.structural.timesteps import count_selected
 
@@ -135,6 +135,21 @@ def _flat_unet():
     return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 16),
                                  layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8).eval()
+
+
+def test_the_lowest_scores_go_but_every_level_keeps_a_unit():
+    # the three lowest scores are all of level "a": its last unit stays and the next-lowest of "b" goes instead
+    units = [DepthUnit(n, [n], lv, True, score=s) for n, lv, s in
+             (("a0", "a", 0.1), ("a1", "a", 0.2), ("a2", "a", 0.3), ("b0", "b", 0.5), ("b1", "b", 0.4))]
+    units.append(DepthUnit("m", ["m"], "b", False, why="changes the width"))
+    chosen, passed = choose_units(units, 3 / 5)
+    assert [u.name for u in chosen] == ["a0", "a1", "b1"] and passed == ["a2"]
+    # level b has a unit that is never removed: both removable ones may go; a keeps one: 4 of 5 at most
+    chosen, passed = choose_units(units, 4 / 5)
+    assert [u.name for u in chosen] == ["a0", "a1", "b0", "b1"] and passed == ["a2"]
+    with pytest.raises(DiffpruneError, match="removes 5 of the 5 removable units, but at most 4 can go without "
+                                             "removing every unit of a .*at most 0.800"):
+        choose_units(units, 1.0)
 
 
 def test_bad_depth_input_is_refused():

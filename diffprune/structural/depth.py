@@ -236,7 +236,8 @@ def _accumulate(acc: dict, name: str, delta: torch.Tensor):
 
 
 def units_due(units: list[DepthUnit], ratio: float) -> int:
-    """How many units a depth ratio removes: round(ratio * removable), at least one."""
+    """How many units a depth ratio removes: round(ratio * removable), at least one, and no more than can go while
+    every level keeps a unit (checked here, before any scoring: it does not depend on the scores)."""
     removable = [u for u in units if u.removable]
     if not removable:
         raise DiffpruneError("this model has no unit that can be removed whole (every one changes its width); "
@@ -245,21 +246,33 @@ def units_due(units: list[DepthUnit], ratio: float) -> int:
     if n == 0:
         raise DiffpruneError(f"depth ratio {ratio:g} removes none of the {len(removable)} removable units; "
                              f"use a ratio of at least {0.5 / len(removable):.3f}")
+    full = [lv for lv in dict.fromkeys(u.level for u in units) if all(u.removable for u in units if u.level == lv)]
+    most = len(removable) - len(full)  # a level whose units are all removable keeps one of them
+    if n > most:
+        raise DiffpruneError(f"depth ratio {ratio:g} removes {n} of the {len(removable)} removable units, but at most "
+                             f"{most} can go without removing every unit of {' or '.join(full)} (one unit stays "
+                             f"per level); use a ratio of at most {most / len(removable):.3f}")
     return n
 
 
-def choose_units(units: list[DepthUnit], ratio: float) -> list[DepthUnit]:
-    """The round(ratio * removable) lowest-scoring removable units; refuses to empty a level."""
+def choose_units(units: list[DepthUnit], ratio: float) -> tuple[list[DepthUnit], list[str]]:
+    """The units_due(ratio) lowest-scoring removable units, passing over a unit that is the last one left in its
+    level (the next-lowest goes instead). Returns (chosen units in model order, names passed over)."""
     removable = [u for u in units if u.removable]
     n = units_due(units, ratio)
-    order = sorted(range(len(removable)), key=lambda i: (removable[i].score, i))
-    chosen = {removable[i].name for i in order[:n]}
-    for level in dict.fromkeys(u.level for u in units):
-        members = [u for u in units if u.level == level]
-        if all(u.name in chosen for u in members):
-            raise DiffpruneError(f"depth ratio {ratio:g} would remove every unit of {level} "
-                                 f"({len(members)} units: {', '.join(u.name for u in members)}); lower the ratio")
-    return [u for u in units if u.name in chosen]
+    left = {}
+    for u in units:
+        left[u.level] = left.get(u.level, 0) + 1
+    chosen, passed = set(), []
+    for u in sorted(removable, key=lambda u: (u.score, removable.index(u))):
+        if len(chosen) == n:
+            break
+        if left[u.level] == 1:
+            passed.append(u.name)
+            continue
+        chosen.add(u.name)
+        left[u.level] -= 1
+    return [u for u in units if u.name in chosen], passed
 
 
 def remove_units(model, chosen: list[DepthUnit]) -> dict[str, int | None]:

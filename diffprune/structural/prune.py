@@ -401,7 +401,10 @@ def _prune_depth(model, units, scores, depth_ratio, progress, notes) -> dict:
     from the model as it is now)."""
     for u in units:
         u.score = scores.get(u.name)
-    chosen = depth.choose_units(units, depth_ratio)
+    chosen, passed = depth.choose_units(units, depth_ratio)
+    if passed:
+        _tell(notes, f"kept {', '.join(passed)} although scored lower than a removed unit: removing it would have "
+                     f"left its level with no unit", progress)
     now = {u.name: u for u in depth.depth_units(model)}
     for u in chosen:
         if not now[u.name].removable:
@@ -411,7 +414,7 @@ def _prune_depth(model, units, scores, depth_ratio, progress, notes) -> dict:
     names = [u.name for u in chosen]
     _tell(notes, f"removed {len(chosen)} of {sum(u.removable for u in units)} removable units: {', '.join(names)}",
           progress)
-    return {"ratio": depth_ratio, "removed": names, "removed_modules": removed,
+    return {"ratio": depth_ratio, "removed": names, "removed_modules": removed, "kept_for_their_level": passed,
             "units": [u.summary() for u in units]}
 
 
