@@ -37,7 +37,8 @@ def _dit(**kw):
 @pytest.mark.parametrize("name, mode, criterion", [
     ("tiny-unet", "depth", "random"), ("tiny-unet", "both", "diff-pruning"), ("tiny-sd", "depth", "magnitude"),
     ("tiny-sd", "both", "random"), ("tiny-sdxl", "depth", "taylor"), ("tiny-sdxl", "both", "magnitude"),
-    ("tiny-dit", "depth", "diff-pruning"), ("tiny-dit", "both", "random")])
+    ("tiny-dit", "depth", "diff-pruning"), ("tiny-dit", "both", "random"), ("tiny-pixart", "depth", "diff-pruning"),
+    ("tiny-pixart", "depth", "magnitude")])
 def test_depth_pruned_models_of_every_family_run_save_and_reload_exactly(tmp_path, name, mode, criterion):
     dense = zoo.build(name)
     n_params, macs = count_params(dense), build_graph(dense).total_macs
@@ -152,13 +153,20 @@ def test_the_lowest_scores_go_but_every_level_keeps_a_unit():
         choose_units(units, 1.0)
 
 
+def test_a_family_without_depth_units_is_refused(monkeypatch):
+    from diffprune.structural import depth
+    monkeypatch.setattr(depth, "DEPTH_FAMILIES", tuple(f for f in depth.DEPTH_FAMILIES if f != "pixart"))
+    with pytest.raises(DiffpruneError, match="no depth units diffprune can remove yet: use --mode width"):
+        prune(zoo.build("tiny-pixart"), 0.5, "magnitude", mode="depth", progress=False)
+
+
 def test_bad_depth_input_is_refused():
     with pytest.raises(DiffpruneError, match="every unit of stage 0"):  # channels never change: all removable
         prune(_flat_unet(), 0.99, "magnitude", mode="depth", progress=False)
     with pytest.raises(DiffpruneError, match="no unit that can be removed"):
         prune(_dit(num_layers=1), 0.5, "magnitude", mode="depth", progress=False)
-    with pytest.raises(DiffpruneError, match="no depth units"):
-        prune(zoo.build("tiny-pixart"), 0.5, "magnitude", mode="depth", progress=False)
+    with pytest.raises(DiffpruneError, match="width pruning supports .* not supported yet; --mode depth"):
+        prune(zoo.build("tiny-pixart"), 0.5, "magnitude", mode="both", depth_ratio=0.5, progress=False)
     with pytest.raises(DiffpruneError, match="removes none"):
         prune(zoo.build("tiny-dit"), 0.1, "magnitude", mode="depth", progress=False)
     with pytest.raises(DiffpruneError, match="no depth version"):

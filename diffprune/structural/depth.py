@@ -31,7 +31,9 @@ from ..errors import DiffpruneError
 from ..models import get_adapter
 
 DEPTH_CRITERIA = ("diff-pruning", "taylor", "magnitude", "random")
-DEPTH_FAMILIES = ("unet2d", "unet2d-condition", "dit", "flux", "sd3")
+# PixArt by depth only: its blocks come out whole (no block conditions the final layer, unlike DiT's first);
+# width pruning does not cover it
+DEPTH_FAMILIES = ("unet2d", "unet2d-condition", "dit", "pixart", "flux", "sd3")
 # classes a removed unit's module may have in the base model (checked when a pruned model is loaded)
 REMOVABLE_CLASSES = ("ResnetBlock2D", "Attention", "Transformer2DModel", "BasicTransformerBlock",
                      "UNetMidBlock2D", "UNetMidBlock2DCrossAttn", "FluxTransformerBlock", "FluxSingleTransformerBlock",

@@ -306,8 +306,9 @@ def prune(model, ratio: float, criterion: str = "diff-pruning", threshold: float
     if mode != "width":
         depth.check_depth(model, criterion)
     if mode != "depth" and adapter.family not in SUPPORTED_FAMILIES:
-        raise DiffpruneError(f"structural pruning supports {', '.join(SUPPORTED_FAMILIES)} denoisers; "
-                             f"{type(model).__name__} ({adapter.family}) is not supported yet")
+        depth_only = "; --mode depth removes its blocks whole" if adapter.family in depth.DEPTH_FAMILIES else ""
+        raise DiffpruneError(f"width pruning supports {', '.join(SUPPORTED_FAMILIES)} denoisers; "
+                             f"{type(model).__name__} ({adapter.family}) is not supported yet{depth_only}")
     notes: list[str] = []
     checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
     if checkpointing:  # checkpointed blocks hide their layers from the autograd trace
