@@ -266,7 +266,7 @@ def choose_units(units: list[DepthUnit], ratio: float) -> tuple[list[DepthUnit],
     for u in units:
         left[u.level] = left.get(u.level, 0) + 1
     chosen, passed = set(), []
-    for u in sorted(removable, key=lambda u: (u.score, removable.index(u))):
+    for _, _, u in sorted((u.score, i, u) for i, u in enumerate(removable)):  # ties: model order
         if len(chosen) == n:
             break
         if left[u.level] == 1:

@@ -119,7 +119,6 @@ class Importance:
                 total = total / mean
         return total.float()
 
-
     def unit_scores(self, model, units) -> dict[str, float]:
         """One score per removable depth unit (depth.DepthUnit) from the weights alone. The gradient criteria score
         units during the timestep walk instead (depth.record_unit_scores)."""
