@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from structural_realsize import DTYPES, depth_plan, macs_both, prune_depth, prune_width, table  # noqa: E402
+from structural_realsize import (DTYPES, depth_plan, macs_both, prune_depth, prune_width, pruned_row,  # noqa: E402
+                                 table)
 
 from diffprune import zoo  # noqa: E402
-from diffprune.errors import DiffpruneError  # noqa: E402
-from diffprune.models import count_params, get_adapter  # noqa: E402
+from diffprune.models import get_adapter  # noqa: E402
 from diffprune.util import atomic_write_text  # noqa: E402
 
 
@@ -110,17 +110,11 @@ def main(argv=None):
                 rows.append({"model": name, "variant": variant, "target": target, "error": "skipped: --budget-s"})
                 print(rows[-1], flush=True)
                 continue
-            t1 = time.time()
-            try:
-                model, ratio, info = make()
-            except DiffpruneError as e:
-                rows.append({"model": name, "variant": variant, "target": target, "error": str(e)})
-                print(rows[-1], flush=True)
-                continue
-            row = {"model": name, "variant": variant, "target": target, "ratio": ratio, "params": count_params(model),
-                   **macs_both(model), "dtype": str(dtype).replace("torch.", ""), "device": args.device,
-                   "prune_s": round(time.time() - t1, 1), **info, "ms": {}}
+            model, row = pruned_row(name, variant, target, make, dtype=str(dtype).replace("torch.", ""),
+                                    device=args.device)
             rows.append(row)
+            if model is None:
+                continue
             save()
             for mode in modes:
                 for b, rep in zip(batches, reps):

@@ -128,6 +128,20 @@ def prune_depth(dense, target: float, dense_macs: int, plan):
     return model, ratio, {"removed": report["depth"]["removed"], "removable": len(removable)}
 
 
+def pruned_row(name, variant, target, make, **extra) -> tuple:
+    """(model or None, row): run one variant's maker and describe what it made, or the refusal as the row's error
+    (printed: a refused variant is a result, not a crash)."""
+    t1 = time.time()
+    try:
+        model, ratio, info = make()
+    except DiffpruneError as e:
+        row = {"model": name, "variant": variant, "target": target, "error": str(e)}
+        print(row, flush=True)
+        return None, row
+    return model, {"model": name, "variant": variant, "target": target, "ratio": ratio, "params": count_params(model),
+                   **macs_both(model), **extra, "prune_s": round(time.time() - t1, 1), **info, "ms": {}}
+
+
 def time_call(model, batch, mode, repeats):
     from diffprune.latency import time_denoiser_call
     try:
@@ -208,16 +222,10 @@ def main():
                 else:
                     raise SystemExit(f"unknown variant {v!r}")
         for variant, target, make in variants:
-            t1 = time.time()
-            try:
-                model, ratio, info = make()
-            except DiffpruneError as e:
-                rows.append({"model": name, "variant": variant, "target": target, "error": str(e)})
-                print(rows[-1], flush=True)
-                continue
-            row = {"model": name, "variant": variant, "target": target, "ratio": ratio, "params": count_params(model),
-                   **macs_both(model), "dtype": args.dtype, "prune_s": round(time.time() - t1, 1), **info, "ms": {}}
+            model, row = pruned_row(name, variant, target, make, dtype=args.dtype)
             rows.append(row)
+            if model is None:
+                continue
             save()
             timed = torch.nn.Module.to(copy.deepcopy(model) if model is dense else model, args.device, dtype)
             for mode in [m for m in args.modes.split(",") if m]:
