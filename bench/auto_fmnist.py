@@ -12,9 +12,12 @@ picks (bench/merge_auto_fmnist.py).
   paper:SEED       DiP-GO, the paper's recipe: one pruner trained at --paper-ratio, thresholded at every ratio
                    (the paper's post-processing: one pruner serves any target)
   refined:SEED:R   DiP-GO, the refined recipe, trained at ratio R
+  reference        only the dense rollout of the --n evaluation samples, saved as OUT/MODEL_SAMPLER_STEPS/
+                   reference.pt; every other job loads it from there when it exists (one process makes it
+                   before many start: each making its own cost fmnist-unet DDIM 50 ~160 s of a busy machine)
 Searches and training use calibration samples of seed 1 + 10 * SEED. Rows go to OUT/MODEL_SAMPLER_STEPS/JOB.json
 as they finish, schedules beside them (schedules/); --max-minutes skips what is left.
-bench/gpu_auto_fmnist.sh runs the whole table in two GPU calls (PART=1, PART=2).
+bench/gpu_auto_fmnist.sh runs the whole table (PART=1, PART=2); bench/gpu_auto_refined.sh reruns what a call lost.
 
 On a CPU, to test the script itself:
   OUT=/tmp/a python bench/auto_fmnist.py --device cpu --model fmnist-unet --steps 10 --n 8 --ratios 0.6 \\
@@ -55,6 +58,22 @@ def config_name(model: str, sampler: str, steps: int) -> str:
     return f"{model}_{sampler.replace('+', 'p')}_{steps}"  # no '+' in names that come back from a GPU call
 
 
+def dense_reference(model, args, path: Path):
+    """The dense rollout of the evaluation samples (seed 0) and the seconds it took, from `path` when an earlier
+    job of the same configuration and --n saved it there, else made (and saved by the reference job)."""
+    if path.exists():
+        saved = torch.load(path)
+        if saved["n"] == args.n and saved["cfg"] == args.cfg:
+            return saved["images"], saved["seconds"]
+    images, _, seconds = generate_set(model, args.n, num_steps=args.steps, sampler=args.sampler,
+                                      guidance_scale=args.cfg, seed=0, progress=False)
+    if args.job == "reference":
+        tmp = path.with_suffix(".tmp")
+        torch.save({"images": images, "seconds": seconds, "n": args.n, "cfg": args.cfg}, tmp)
+        tmp.replace(path)  # whole or absent: jobs starting now never read half a file
+    return images, seconds
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="fmnist-unet")
@@ -62,7 +81,7 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--ratios", default="0.6,0.7,0.8,0.85")
-    ap.add_argument("--job", default="cheap", help="cheap[:R] | search:SEED[:R] | paper:SEED | refined:SEED:R")
+    ap.add_argument("--job", default="cheap", help="cheap[:R] | search:SEED[:R] | paper:SEED | refined:SEED:R | reference")
     ap.add_argument("--paper-ratio", type=float, default=0.8, help="the ratio the paper recipe's pruner trains at")
     ap.add_argument("--iterations", type=int, default=60, help="DiP-GO iterations (batch --batch-size)")
     ap.add_argument("--batch-size", type=int, default=4)
@@ -84,6 +103,8 @@ def main():
     if kind == "cheap":  # cheap[:R]
         seed, dense_row = 0, not rest or float(rest[0]) == ratios[0]
         ratios = [float(rest[0])] if rest else ratios
+    elif kind == "reference":
+        seed, dense_row = 0, False
     else:  # search:SEED[:R], paper:SEED, refined:SEED:R
         seed, dense_row = int(rest[0]), False
         if kind == "search" and len(rest) > 1:
@@ -93,8 +114,9 @@ def main():
     model = zoo.load_model(args.model).to(args.device).eval()
     graph = build_graph(model)
     dense_macs = rollout_length(args.sampler, args.steps) * graph.total_macs
-    reference, _, dense_s = generate_set(model, args.n, num_steps=args.steps, sampler=args.sampler,
-                                         guidance_scale=args.cfg, seed=0, progress=False)
+    reference, dense_s = dense_reference(model, args, out / "reference.pt")
+    if kind == "reference":
+        return
     rows = []
     info = {"config": cfg, "model": args.model, "sampler": args.sampler, "steps": args.steps, "job": args.job,
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",

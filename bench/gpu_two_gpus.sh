@@ -3,7 +3,7 @@
 #   bash bench/gpu_two_gpus.sh
 # GPU 0: latency of the Fashion-MNIST schedules (bench/schedule_speed_fmnist.py, alone on the GPU), then the
 #        fmnist-unet structural table (bench/gpu_structural.sh: 5 criteria, ratio 0.25 with torch-pruning's channel
-#        rule = 44.7% fewer MACs, 1200 fine-tune steps = 10% of the reference run) next to DiP-GO and its baselines
+#        rule = 55.3% fewer MACs, 1200 fine-tune steps = 10% of the reference run) next to DiP-GO and its baselines
 #        on fmnist-dit at 250 DDIM steps (bench/temporal_fmnist.py).
 # GPU 1: the fmnist-dit structural table (ratio 0.45 = 44.8% fewer MACs, 2000 steps = 10% of its 20K).
 # The DiT table ends with the latency of its models (GPU 1 then runs nothing else); the fmnist-unet models were

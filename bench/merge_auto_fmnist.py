@@ -22,19 +22,24 @@ TOLERANCE = 0.0125 + 0.03  # a row pruning less than target - this costs more: i
 
 
 def load(paths) -> dict:
-    """config -> {"rows": [...], "latency": {schedule file: {b1_ms, b8_ms}}, "info": {...}} over all parts."""
+    """config -> {"rows": [...], "latency": {schedule file: {b1_ms, b8_ms}}, "info": {...}} over all parts.
+    A job that a later part ran again (it was killed in the earlier one) is taken whole from the later part, and so
+    is a schedule's latency: give the parts oldest first."""
     configs: dict = {}
     for p in paths:
         doc = json.loads(open(p).read())
         for cfg, part in doc["configs"].items():
-            c = configs.setdefault(cfg, {"rows": [], "latency": {}, "info": {}, "stopped": []})
-            for job, d in sorted(part["jobs"].items()):
-                c["rows"] += d.get("rows", [])
-                c["info"].setdefault("args", d.get("args"))
-                c["info"].setdefault("device", d.get("device"))
-                if d.get("stopped") or not d.get("done"):
-                    c["stopped"].append(f"{job}: {d.get('stopped') or 'did not finish (killed at the time limit)'}")
+            c = configs.setdefault(cfg, {"jobs": {}, "latency": {}, "info": {}})
+            c["jobs"].update(part.get("jobs", {}))
             c["latency"].update((part.get("latency") or {}).get("rows", {}))
+    for c in configs.values():
+        c["rows"], c["stopped"] = [], []
+        for job, d in sorted(c.pop("jobs").items()):
+            c["rows"] += d.get("rows", [])
+            c["info"].setdefault("args", d.get("args"))
+            c["info"].setdefault("device", d.get("device"))
+            if d.get("stopped") or not d.get("done"):
+                c["stopped"].append(f"{job}: {d.get('stopped') or 'did not finish (killed at the time limit)'}")
     return configs
 
 
@@ -91,6 +96,11 @@ def table(name: str, cfg: dict) -> str:
             note = "; ".join(sorted({r["note"] for r in rows if r.get("note")}))
             if rows[0].get("pruned") is not None and rows[0]["pruned"] < ratio - TOLERANCE:
                 note = (note + "; " if note else "") + f"reaches only {rows[0]['pruned']:.3f}"
+            planned = (cfg["info"].get("args") or {}).get("iterations")
+            done = [r.get("iterations_done") for r in rows]
+            if planned and any(d is not None and d < planned for d in done):  # training cut by the time limit
+                note = (note + "; " if note else "") + ("trained " + "/".join(str(d) for d in done) +
+                                                        f" of {planned} iterations (time limit)")
             if any(r.get("selected") for r in rows):
                 note = (note + "; " if note else "") + "kept: " + "/".join(str(r.get("selected")) for r in rows)
             if rows[0].get("pruned") is None:

@@ -5,6 +5,8 @@
 # every fmnist-dit block costs the same), then `diffprune bench` of dense and each at batch 1 and 8 with CFG,
 # fp32, DDIM 50: one denoiser call and the whole rollout, captured (modes capture and graph).
 # Carry .carry (bench/pack_carry.sh):  OUT=$OUT/sdl bash bench/structural_depth_latency.sh
+# FROM=RUNS of bench/gpu_structural_depth.sh: its fine-tuned models where they exist (same units as its quality
+# table) instead of magnitude-pruned ones; MODELS picks the models (default both).
 # CPU smoke test: PYTHON=.venv/bin/python DEVICE=cpu STEPS=2 REPEATS=1 LAT_BATCHES=1 OUT=/tmp/sdl bash bench/structural_depth_latency.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,9 +14,16 @@ PY=${PYTHON:-python3}; . bench/gpu_env.sh
 OUT=${OUT:-bench/results/structural_depth}; RUNS=${RUNS:-runs/structural-depth-latency}; mkdir -p "$OUT" "$RUNS"
 DEVICE=${DEVICE:-cuda}; LAT_BATCHES=${LAT_BATCHES:-1 8}; STEPS=${STEPS:-50}; REPEATS=${REPEATS:-5}
 MODES=${MODES:-capture,graph}; [ "$DEVICE" = cpu ] && MODES=eager
-for m in fmnist-unet fmnist-dit; do
+MODELS=${MODELS:-fmnist-unet fmnist-dit}
+for m in $MODELS; do
+  mkdir -p "$RUNS/$m"
   for v in width depth both; do
-    if [ "$m" = fmnist-unet ]; then target=0.553 wr=0.25 rule="--rule tp"; [ "$v" = both ] && wr=0.2 rule=""
+    if [ -n "${FROM:-}" ] && [ -e "$FROM/$m/finetune-$v/model" ]; then
+      ln -sfn "$(realpath "$FROM/$m/finetune-$v/model")" "$RUNS/$m/src-$v"
+      ln -sfn "$(realpath "$FROM/$m/prune-$v")" "$RUNS/$m/prune-$v"
+      continue
+    fi
+    if [ "$m" = fmnist-unet ]; then target=0.447 wr=0.25 rule="--rule tp"; [ "$v" = both ] && wr=0.2 rule=""
     else target=0.552 wr=0.45 rule=""; [ "$v" = both ] && wr=0.25; fi
     [ -d "$RUNS/$m/prune-$v" ] || "$PY" bench/prune_to_macs.py "$m" --mode "$v" --ratio "$wr" --target "$target" $rule \
       --criterion magnitude --device "$DEVICE" --out "$RUNS/$m/prune-$v" > "$RUNS/$m-$v-prune.log" 2>&1 \
@@ -23,14 +32,14 @@ for m in fmnist-unet fmnist-dit; do
 done
 # every timing in one process: a `diffprune bench` process spends ~40 s starting for ~3 s of timing (measured on
 # the H200, 2026-11-30), and the first version of this script did not finish in 400 s
-"$PY" - "$RUNS" "$DEVICE" "$LAT_BATCHES" "$STEPS" "$REPEATS" "$MODES" <<'PYEOF'
+"$PY" - "$RUNS" "$DEVICE" "$LAT_BATCHES" "$STEPS" "$REPEATS" "$MODES" "$MODELS" <<'PYEOF'
 import json, os, sys
 from diffprune.benchmark import bench
 from diffprune.zoo import load_for_sampling
-runs, device, batches, steps, repeats, modes = sys.argv[1:]
-for m in ("fmnist-unet", "fmnist-dit"):
+runs, device, batches, steps, repeats, modes, models = sys.argv[1:]
+for m in models.split():
     for v in ("dense", "width", "depth", "both"):
-        src = m if v == "dense" else f"{runs}/{m}/prune-{v}"
+        src = m if v == "dense" else f"{runs}/{m}/src-{v}" if os.path.exists(f"{runs}/{m}/src-{v}") else f"{runs}/{m}/prune-{v}"
         if v != "dense" and not os.path.isdir(src):
             continue
         model = load_for_sampling(src, device, "fp32")  # as `diffprune bench --dtype fp32` loads it
@@ -41,7 +50,7 @@ for m in ("fmnist-unet", "fmnist-dit"):
             r = bench(model, device=device, modes=modes.split(","), steps=int(steps), sampler="ddim", batch=int(b),
                       cfg=True, guidance_scale=2.0, repeats=int(repeats), progress=False,
                       **({"call_repeats": 1, "warmup": 0} if device == "cpu" else {}))
-            json.dump({"model": src, "batch": int(b), **r}, open(out, "w"), indent=1, default=str)
+            json.dump({"model": os.path.realpath(src), "batch": int(b), **r}, open(out, "w"), indent=1, default=str)
             print(m, v, f"b{b}", [(x.get("what"), x.get("mode"), round(x["median_ms"], 3)) for x in r["results"]],
                   flush=True)
 PYEOF
