@@ -62,7 +62,7 @@ def dense_reference(model, args, path: Path):
     """The dense rollout of the evaluation samples (seed 0) and the seconds it took, from `path` when an earlier
     job of the same configuration and --n saved it there, else made (and saved by the reference job)."""
     if path.exists():
-        saved = torch.load(path)
+        saved = torch.load(path, weights_only=True)
         if saved["n"] == args.n and saved["cfg"] == args.cfg:
             return saved["images"], saved["seconds"]
     images, _, seconds = generate_set(model, args.n, num_steps=args.steps, sampler=args.sampler,
@@ -81,7 +81,8 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--ratios", default="0.6,0.7,0.8,0.85")
-    ap.add_argument("--job", default="cheap", help="cheap[:R] | search:SEED[:R] | paper:SEED | refined:SEED:R | reference")
+    ap.add_argument("--job", default="cheap",
+                    help="cheap[:R] | search:SEED[:R] | paper:SEED | refined:SEED:R | reference")
     ap.add_argument("--paper-ratio", type=float, default=0.8, help="the ratio the paper recipe's pruner trains at")
     ap.add_argument("--iterations", type=int, default=60, help="DiP-GO iterations (batch --batch-size)")
     ap.add_argument("--batch-size", type=int, default=4)
