@@ -6,12 +6,14 @@ picks among fewer steps, searched grid, DeepCache, step reuse and refined DiP-GO
 breaks ties), and the goal column: refined DiP-GO has the best FD and SSIM of every method at that ratio, at a
 captured latency no higher than fewer steps (batch 1 and 8).
   python bench/merge_auto_fmnist.py auto_part1.json auto_part2.json > tables.md
+  python bench/merge_auto_fmnist.py --plot tables.png auto_part1.json auto_part2.json   (the same, drawn)
 """
 from __future__ import annotations
 
 import json
 import statistics
 import sys
+from pathlib import Path
 
 ORDER = ["dense", "steps", "grid", "deepcache", "step-reuse", "random", "genetic", "dipgo-paper", "dipgo-refined"]
 LABEL = {"dense": "dense", "steps": "fewer steps", "grid": "searched grid", "deepcache": "DeepCache",
@@ -164,7 +166,43 @@ def tables(paths) -> str:
     return "\n".join(table(name, cfg) for name, cfg in sorted(configs.items()))
 
 
+def plot(paths, out) -> None:
+    """SSIM to dense and FD-FMNIST against the pruned ratio, a line per method (learned rows: the mean of their
+    seeds), one column per model and sampler."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from diffprune.figures import pyplot, save_figure
+    plt = pyplot()
+    configs = load(paths)
+    fig, axes = plt.subplots(2, len(configs), figsize=(4.2 * len(configs), 7), squeeze=False)
+    for col, (name, cfg) in enumerate(sorted(configs.items())):
+        by = {}
+        for r in cfg["rows"]:
+            if r.get("target") is not None and r.get("pruned") is not None:
+                by.setdefault(r["method"], {}).setdefault(r["target"], []).append(r)
+        for row, (key, label) in enumerate((("ssim_to_reference", "SSIM to dense"), ("fd_fmnist", "FD-FMNIST"))):
+            ax = axes[row][col]
+            for method in ORDER:
+                pts = sorted((t, _mean(rs, key)) for t, rs in by.get(method, {}).items()
+                             if _mean(rs, key) is not None)
+                if pts:
+                    style = "-o" if method in ("grid", "step-reuse", "dipgo-refined", "steps") else ":."
+                    ax.plot(*zip(*pts), style, label=LABEL[method], ms=4)
+            ax.set_xlabel("pruned MACs ratio (target)")
+            ax.set_ylabel(label)
+            if key == "fd_fmnist":
+                ax.set_yscale("log")
+            ax.set_title(name, fontsize=9)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("issue #13: every method at equal MACs (1000 samples; refined DiP-GO = its start in every run)")
+    fig.tight_layout()
+    save_figure(fig, out, dpi=110)
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    print(tables(sys.argv[1:]))
+    if sys.argv[1] == "--plot":
+        plot(sys.argv[3:], sys.argv[2])
+    else:
+        print(tables(sys.argv[1:]))

@@ -44,3 +44,11 @@ def test_a_rerun_job_replaces_the_lost_one_and_latency_comes_from_the_latest_par
     assert "Not finished" not in md
     # the lost job alone is reported as such
     assert "paper_0: did not finish" in tables([first])
+
+
+def test_plot_draws_the_merged_rows(tmp_path):
+    from merge_auto_fmnist import plot
+    part = _part(tmp_path / "p1.json", {"cheap_0.8": {"args": ARGS, "done": True, "rows": [
+        _row("steps", 0.8, 0.9, seed=None), _row("grid", 0.8, 0.95, seed=None), _row("steps", 0.6, 0.97, seed=None)]}})
+    plot([part], tmp_path / "t.png")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
