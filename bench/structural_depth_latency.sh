@@ -19,8 +19,9 @@ for m in $MODELS; do
   mkdir -p "$RUNS/$m"
   for v in width depth both; do
     if [ -n "${FROM:-}" ] && [ -e "$FROM/$m/finetune-$v/model" ]; then
-      ln -sfn "$(realpath "$FROM/$m/finetune-$v/model")" "$RUNS/$m/src-$v"
-      ln -sfn "$(realpath "$FROM/$m/prune-$v")" "$RUNS/$m/prune-$v"
+      rm -rf "$RUNS/$m/src-$v" "$RUNS/$m/prune-$v"   # a magnitude-pruned one from an earlier run would shadow it
+      ln -s "$(realpath "$FROM/$m/finetune-$v/model")" "$RUNS/$m/src-$v"
+      ln -s "$(realpath "$FROM/$m/prune-$v")" "$RUNS/$m/prune-$v"
       continue
     fi
     if [ "$m" = fmnist-unet ]; then target=0.447 wr=0.25 rule="--rule tp"; [ "$v" = both ] && wr=0.2 rule=""
@@ -39,7 +40,8 @@ from diffprune.zoo import load_for_sampling
 runs, device, batches, steps, repeats, modes, models = sys.argv[1:]
 for m in models.split():
     for v in ("dense", "width", "depth", "both"):
-        src = m if v == "dense" else f"{runs}/{m}/src-{v}" if os.path.exists(f"{runs}/{m}/src-{v}") else f"{runs}/{m}/prune-{v}"
+        fine_tuned = f"{runs}/{m}/src-{v}"  # FROM's model, linked above
+        src = m if v == "dense" else fine_tuned if os.path.exists(fine_tuned) else f"{runs}/{m}/prune-{v}"
         if v != "dense" and not os.path.isdir(src):
             continue
         model = load_for_sampling(src, device, "fp32")  # as `diffprune bench --dtype fp32` loads it
