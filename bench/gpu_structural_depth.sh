@@ -4,7 +4,8 @@
 #      by diff-pruning (T=0.05, 128 real images), the same fine-tune budget per model (10% of its pretraining:
 #      1200 steps fmnist-unet, 2000 fmnist-dit), 1000 samples DDIM 100: FD-FMNIST, class accuracy, SSIM to dense.
 #      Width: fmnist-unet torch-pruning rule 0.25 (keeps 44.7% of the MACs; the paper rule cannot get there),
-#      fmnist-dit 0.45 (44.8%); exact widths. Depth: units removed until the MACs match (bench/prune_to_macs.py).
+#      fmnist-dit 0.45 (44.8%); exact widths (WR_UNET=0.3 RULE_UNET=paper: the paper rule's point, 0.716 kept).
+#      Depth: units removed until the MACs match (bench/prune_to_macs.py).
 #      Both: a smaller width ratio (WR_BOTH_*: fmnist-unet 0.2 by the paper rule, fmnist-dit 0.25) and then units
 #      to the same MACs.
 #   2. when they are done (or at LAT_AT s), CUDA-graph latency of dense and every fine-tuned model alone on the GPU,
@@ -23,7 +24,7 @@ PY=${PYTHON:-python3}; . bench/gpu_env.sh
 OUT=${OUT:-bench/results/structural_depth}; RUNS=${RUNS:-runs/structural-depth}; mkdir -p "$OUT" "$RUNS"
 DEVICE=${DEVICE:-cuda}; N=${N:-1000}; CALIB=${CALIB:-}; EXTRA=${EXTRA:-}; PRUNE_EXTRA=${PRUNE_EXTRA:-}; EVAL_EXTRA=${EVAL_EXTRA:---steps 100}
 STEPS_UNET=${STEPS_UNET:-1200}; STEPS_DIT=${STEPS_DIT:-2000}; FT_MINUTES=${FT_MINUTES:-5.5}
-WR_UNET=${WR_UNET:-0.25}; WR_DIT=${WR_DIT:-0.45}; WR_BOTH_UNET=${WR_BOTH_UNET:-0.2}; WR_BOTH_DIT=${WR_BOTH_DIT:-0.25}
+WR_UNET=${WR_UNET:-0.25}; RULE_UNET=${RULE_UNET:-tp}; WR_DIT=${WR_DIT:-0.45}; WR_BOTH_UNET=${WR_BOTH_UNET:-0.2}; WR_BOTH_DIT=${WR_BOTH_DIT:-0.25}
 # the width runs' kept MACs (fmnist-unet's was 0.553 until 2026-11-30: one minus the kept fraction, a slip)
 TARGET_UNET=${TARGET_UNET:-0.447}; TARGET_DIT=${TARGET_DIT:-0.552}
 LAT_BATCHES=${LAT_BATCHES:-1 8}; LAT_MODE=${LAT_MODE:-graph}; [ "$DEVICE" = cpu ] && LAT_MODE=eager
@@ -36,7 +37,7 @@ T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 chain() {  # MODEL VARIANT: prune (to the MACs target) -> fine-tune -> eval, each step skipped once done
   local m=$1 v=$2 r=$RUNS/$1 wr target steps
   if [ "$m" = fmnist-unet ]; then
-    target=$TARGET_UNET steps=$STEPS_UNET rule="--rule tp"; wr=$WR_UNET
+    target=$TARGET_UNET steps=$STEPS_UNET rule="--rule $RULE_UNET"; wr=$WR_UNET
     [ "$v" = both ] && wr=$WR_BOTH_UNET rule=""   # tp's rule halves the 64-channel level at any ratio
   else
     target=$TARGET_DIT steps=$STEPS_DIT rule=""; wr=$WR_DIT; [ "$v" = both ] && wr=$WR_BOTH_DIT

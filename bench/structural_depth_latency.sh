@@ -6,7 +6,7 @@
 # fp32, DDIM 50: one denoiser call and the whole rollout, captured (modes capture and graph).
 # Carry .carry (bench/pack_carry.sh):  OUT=$OUT/sdl bash bench/structural_depth_latency.sh
 # FROM=RUNS of bench/gpu_structural_depth.sh: its fine-tuned models where they exist (same units as its quality
-# table) instead of magnitude-pruned ones; MODELS picks the models (default both).
+# table) instead of magnitude-pruned ones; MODELS picks the models (default both), VARIANTS the pruned rows.
 # CPU smoke test: PYTHON=.venv/bin/python DEVICE=cpu STEPS=2 REPEATS=1 LAT_BATCHES=1 OUT=/tmp/sdl bash bench/structural_depth_latency.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,10 +14,10 @@ PY=${PYTHON:-python3}; . bench/gpu_env.sh
 OUT=${OUT:-bench/results/structural_depth}; RUNS=${RUNS:-runs/structural-depth-latency}; mkdir -p "$OUT" "$RUNS"
 DEVICE=${DEVICE:-cuda}; LAT_BATCHES=${LAT_BATCHES:-1 8}; STEPS=${STEPS:-50}; REPEATS=${REPEATS:-5}
 MODES=${MODES:-capture,graph}; [ "$DEVICE" = cpu ] && MODES=eager
-MODELS=${MODELS:-fmnist-unet fmnist-dit}
+MODELS=${MODELS:-fmnist-unet fmnist-dit}; VARIANTS=${VARIANTS:-width depth both}
 for m in $MODELS; do
   mkdir -p "$RUNS/$m"
-  for v in width depth both; do
+  for v in $VARIANTS; do
     if [ -n "${FROM:-}" ] && [ -e "$FROM/$m/finetune-$v/model" ]; then
       rm -rf "$RUNS/$m/src-$v" "$RUNS/$m/prune-$v"   # a magnitude-pruned one from an earlier run would shadow it
       ln -s "$(realpath "$FROM/$m/finetune-$v/model")" "$RUNS/$m/src-$v"
