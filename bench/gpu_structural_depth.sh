@@ -24,9 +24,8 @@ PY=${PYTHON:-python3}; . bench/gpu_env.sh
 OUT=${OUT:-bench/results/structural_depth}; RUNS=${RUNS:-runs/structural-depth}; mkdir -p "$OUT" "$RUNS"
 DEVICE=${DEVICE:-cuda}; N=${N:-1000}; CALIB=${CALIB:-}; EXTRA=${EXTRA:-}; PRUNE_EXTRA=${PRUNE_EXTRA:-}; EVAL_EXTRA=${EVAL_EXTRA:---steps 100}
 STEPS_UNET=${STEPS_UNET:-1200}; STEPS_DIT=${STEPS_DIT:-2000}; FT_MINUTES=${FT_MINUTES:-5.5}
-WR_UNET=${WR_UNET:-0.25}; RULE_UNET=${RULE_UNET:-tp}; WR_DIT=${WR_DIT:-0.45}; WR_BOTH_UNET=${WR_BOTH_UNET:-0.2}; WR_BOTH_DIT=${WR_BOTH_DIT:-0.25}
-# the width runs' kept MACs (fmnist-unet's was 0.553 until 2026-11-30: one minus the kept fraction, a slip)
-TARGET_UNET=${TARGET_UNET:-0.447}; TARGET_DIT=${TARGET_DIT:-0.552}
+# the width ratios and MACs targets (fmnist-unet's target was 0.553 until 2026-11-30: one minus the kept fraction, a slip)
+. bench/structural_depth_points.sh
 LAT_BATCHES=${LAT_BATCHES:-1 8}; LAT_MODE=${LAT_MODE:-graph}; [ "$DEVICE" = cpu ] && LAT_MODE=eager
 BENCH_EXTRA=${BENCH_EXTRA:---steps 50 --repeats 5}
 MODELS=${MODELS:-fmnist-unet fmnist-dit}; VARIANTS=${VARIANTS:-width depth both}   # a subset reruns only those chains
@@ -35,13 +34,8 @@ DEADLINE=${DEADLINE:-570}; LAT_AT=${LAT_AT:-470}; LAT_TIMEOUT=${LAT_TIMEOUT:-60}
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
 chain() {  # MODEL VARIANT: prune (to the MACs target) -> fine-tune -> eval, each step skipped once done
-  local m=$1 v=$2 r=$RUNS/$1 wr target steps
-  if [ "$m" = fmnist-unet ]; then
-    target=$TARGET_UNET steps=$STEPS_UNET rule="--rule $RULE_UNET"; wr=$WR_UNET
-    [ "$v" = both ] && wr=$WR_BOTH_UNET rule=""   # tp's rule halves the 64-channel level at any ratio
-  else
-    target=$TARGET_DIT steps=$STEPS_DIT rule=""; wr=$WR_DIT; [ "$v" = both ] && wr=$WR_BOTH_DIT
-  fi
+  local m=$1 v=$2 r=$RUNS/$1 wr target rule steps=$STEPS_DIT
+  depth_point "$m" "$v"; [ "$m" = fmnist-unet ] && steps=$STEPS_UNET
   mkdir -p "$r"; local log=$r/$v.log
   if [ ! -d "$r/prune-$v" ]; then
     # shellcheck disable=SC2086

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The latency half of bench/gpu_structural_depth.sh without the fine-tunes (a few minutes of one GPU): the same
-# pruned architectures (width / depth / both at the same widths and MACs targets), built with the magnitude
-# criterion (speed depends on the architecture, not on the weights; the units a criterion removes can differ, but
-# every fmnist-dit block costs the same), then `diffprune bench` of dense and each at batch 1 and 8 with CFG,
+# pruned architectures (width / depth / both at the widths and MACs targets of bench/structural_depth_points.sh),
+# built with the magnitude criterion (speed depends on the architecture, not on the weights; the units a criterion
+# removes can differ, but every fmnist-dit block costs the same), then `diffprune bench` of dense and each at batch 1 and 8 with CFG,
 # fp32, DDIM 50: one denoiser call and the whole rollout, captured (modes capture and graph).
 # Carry .carry (bench/pack_carry.sh):  OUT=$OUT/sdl bash bench/structural_depth_latency.sh
 # FROM=RUNS of bench/gpu_structural_depth.sh: its fine-tuned models where they exist (same units as its quality
@@ -10,7 +10,7 @@
 # CPU smoke test: PYTHON=.venv/bin/python DEVICE=cpu STEPS=2 REPEATS=1 LAT_BATCHES=1 OUT=/tmp/sdl bash bench/structural_depth_latency.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}; . bench/gpu_env.sh
+PY=${PYTHON:-python3}; . bench/gpu_env.sh; . bench/structural_depth_points.sh
 OUT=${OUT:-bench/results/structural_depth}; RUNS=${RUNS:-runs/structural-depth-latency}; mkdir -p "$OUT" "$RUNS"
 DEVICE=${DEVICE:-cuda}; LAT_BATCHES=${LAT_BATCHES:-1 8}; STEPS=${STEPS:-50}; REPEATS=${REPEATS:-5}
 MODES=${MODES:-capture,graph}; [ "$DEVICE" = cpu ] && MODES=eager
@@ -24,8 +24,7 @@ for m in $MODELS; do
       ln -s "$(realpath "$FROM/$m/prune-$v")" "$RUNS/$m/prune-$v"
       continue
     fi
-    if [ "$m" = fmnist-unet ]; then target=0.447 wr=0.25 rule="--rule tp"; [ "$v" = both ] && wr=0.2 rule=""
-    else target=0.552 wr=0.45 rule=""; [ "$v" = both ] && wr=0.25; fi
+    depth_point "$m" "$v"
     [ -d "$RUNS/$m/prune-$v" ] || "$PY" bench/prune_to_macs.py "$m" --mode "$v" --ratio "$wr" --target "$target" $rule \
       --criterion magnitude --device "$DEVICE" --out "$RUNS/$m/prune-$v" > "$RUNS/$m-$v-prune.log" 2>&1 \
       || { echo "prune $m $v failed"; tail -3 "$RUNS/$m-$v-prune.log"; }
